@@ -1,0 +1,156 @@
+"""Lazy, read-only view of a model's safetensors: header listing first, then one tensor at a time.
+
+Reads model.safetensors.index.json (or a single model.safetensors). Opening a shard reads only its header;
+tensors are read one at a time, so memory never scales with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+from .errors import UserError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def read_header(path: str) -> dict:
+    """The JSON header of one safetensors file: {name: {"dtype", "shape", "data_offsets"}}, checked for sanity."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"model_path: {path} is not a readable safetensors file ({e}); re-download this shard") from None
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+            raise UserError(f"model_path: {path} has a bad entry for tensor {name!r}; re-download this shard")
+        begin, stop = info["data_offsets"]
+        count = 1
+        for d in info["shape"]:
+            count *= d
+        if stop - begin != count * torch.empty(0, dtype=DTYPES[info["dtype"]]).element_size():
+            raise UserError(f"model_path: {path}: tensor {name!r} has {stop - begin} bytes for shape {info['shape']}; "
+                            "the shard is corrupt, re-download it")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise UserError(f"model_path: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
+                        "re-download this shard")
+    return header
+
+
+class Checkpoint:
+    """Name -> (file, dtype, shape) for every tensor of a model directory; get(name) reads one tensor.
+
+    Tensors are read with plain positional reads into fresh memory, not through a memory map, so the process holds
+    only the tensors it is using (a long-lived map would keep every page it touched resident)."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        index = os.path.join(model_path, INDEX)
+        single = os.path.join(model_path, SINGLE)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"model_path: cannot read {index} ({e}); restore the index file") from None
+            files = sorted(set(weight_map.values()))
+        elif os.path.isfile(single):
+            files = [SINGLE]
+        else:
+            bins = [n for n in os.listdir(model_path) if n.endswith(".bin")]
+            hint = (" (it holds only PyTorch .bin weights: convert them to safetensors first, e.g. "
+                    "model.save_pretrained(dir, safe_serialization=True))" if bins else "")
+            raise UserError(f"model_path: {model_path} has no {INDEX} or {SINGLE}{hint}")
+        self.files = files
+        # name -> (file, dtype, shape, absolute byte offset, byte length)
+        self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
+        for fname in files:
+            path = self._path(fname)
+            with open(path, "rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, info in read_header(path).items():
+                begin, stop = info["data_offsets"]
+                self.entries[name] = (fname, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin,
+                                      stop - begin)
+        self._fds: dict[str, int] = {}
+        self.bytes_read = 0
+
+    def _path(self, fname: str) -> str:
+        path = os.path.realpath(os.path.join(self.model_path, fname))
+        root = os.path.realpath(self.model_path)
+        if os.path.dirname(path) != root:
+            raise UserError(f"model_path: the index names {fname!r}, which lies outside {self.model_path}")
+        if not os.path.isfile(path):
+            raise UserError(f"model_path: the index names {fname}, which is missing from {self.model_path}; "
+                            "download the missing shard")
+        return path
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][1]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def nbytes(self, name: str) -> int:
+        return self.entries[name][4]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def _read(self, fname: str, offset: int, length: int) -> torch.Tensor:
+        fd = self._fds.get(fname)
+        if fd is None:
+            fd = self._fds[fname] = os.open(self._path(fname), os.O_RDONLY)
+        buf = torch.empty(length, dtype=torch.uint8)
+        view, done = memoryview(buf.numpy()), 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise UserError(f"model_path: {fname} ended early while reading it; the shard is truncated")
+            done += n
+        self.bytes_read += length
+        return buf
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, in memory of its own."""
+        if name not in self.entries:
+            raise UserError(f"model_path: tensor {name!r} is missing from {self.model_path}; "
+                            "the checkpoint does not match its config.json")
+        fname, dtype, shape, offset, length = self.entries[name]
+        return self._read(fname, offset, length).view(dtype).reshape(shape)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of a 2-D tensor (an embedding table), reading only those rows. ids: [n] -> [n, cols]."""
+        fname, dtype, shape, offset, _ = self.entries[name]
+        row = shape[1] * torch.empty(0, dtype=dtype).element_size()
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        got = torch.stack([self._read(fname, offset + int(i) * row, row).view(dtype) for i in uniq])
+        return got[inverse]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

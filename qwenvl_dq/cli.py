@@ -1,0 +1,131 @@
+"""Command line: the reference script's flags with its defaults (msModelSlim's quant_qwen2vl.py), plus ours.
+
+    qwenvl-dq quantize --model_path M --save_directory OUT [--calib_images DIR] [--mindie_format] ...
+    python -m qwenvl_dq quantize ...
+    python scripts/quant_qwen2vl.py ...        (the same flags, no subcommand)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ACT_METHODS, ANTI_METHODS, DEVICE_TYPES, OUTPUT_FORMATS, Config
+from .errors import UserError
+
+
+def str2bool(v: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    low = v.strip().lower()
+    if low in ("true", "1", "yes", "y", "on"):
+        return True
+    if low in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{v!r} is not True or False")
+
+
+def positive_gb(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number of GB") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive number of GB (or leave it out for one file)")
+    return x
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    seed = p.add_argument_group("the reference script's flags (same names, meanings and defaults)")
+    seed.add_argument("--model_path", required=True, help="float Qwen2-VL weight directory (required)")
+    seed.add_argument("--calib_images", default="../calibImages",
+                      help="folder of calibration images; 30 COCO images recommended (default: %(default)s)")
+    seed.add_argument("--save_directory", required=True, help="where the quantized weights are written (required)")
+    seed.add_argument("--part_file_size", type=positive_gb, default=None,
+                      help="max size of one weight file in GB (2^30 bytes; fractions allowed); "
+                           "default: one file")
+    seed.add_argument("--w_bit", type=int, default=8, help="weight bits; only 8 (default: %(default)s)")
+    seed.add_argument("--a_bit", type=int, default=8, help="activation bits; only 8 (default: %(default)s)")
+    seed.add_argument("--device_type", default="npu", choices=DEVICE_TYPES,
+                      help="device that runs calibration (default: %(default)s)")
+    seed.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
+                      help="allow code from the model directory to run (True/False; default: %(default)s)")
+    seed.add_argument("--anti_method", default="m2", choices=ANTI_METHODS,
+                      help="outlier suppression: m2 (multimodal Outlier Suppression+), m4 (iterative smooth), "
+                           "none (default: %(default)s)")
+    seed.add_argument("--mindie_format", action="store_true",
+                      help="write the MindIE-compatible description json and config.json")
+    ours = p.add_argument_group("qwenvl-dq options")
+    ours.add_argument("--calib_num", type=int, default=None, help="use only the first N images (sorted by name)")
+    ours.add_argument("--prompt", default="Please describe this picture in detail.",
+                      help="text that follows each image in the calibration prompt (default: %(default)r)")
+    ours.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
+    ours.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+    ours.add_argument("--act_method", default="histogram", choices=list(ACT_METHODS),
+                      help="static activation range: histogram (the reference's act_method=2) or minmax "
+                           "(default: %(default)s)")
+    ours.add_argument("--output_format", default="mindie", choices=OUTPUT_FORMATS,
+                      help="output layout (default: %(default)s)")
+    ours.add_argument("--dry_run", action="store_true", help="print the plan and memory estimate, load nothing")
+    ours.add_argument("--overwrite", action="store_true", help="replace a non-empty save_directory")
+    ours.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
+                      help="logging verbosity; debug also shows tracebacks (default: %(default)s)")
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    return Config(**{f: getattr(a, f) for f in Config.__dataclass_fields__})
+
+
+def setup_logging(level: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def run_quantize(a: argparse.Namespace) -> int:
+    from . import job
+
+    cfg = config_from_args(a)
+    setup_logging(cfg.log_level)
+    try:
+        summary = job.quantize(cfg)
+    except UserError as e:
+        if cfg.log_level == "debug":
+            logging.exception("failed")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the output directory is marked INCOMPLETE", file=sys.stderr)
+        return 130
+    if summary is not None:
+        print(f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
+              f"{summary.bytes_written / 2**20:.2f} MiB of weights "
+              f"({summary.source_bytes / max(summary.bytes_written, 1):.2f}x smaller than the source)")
+        for f in summary.files:
+            size = os.path.getsize(os.path.join(summary.save_directory, f))
+            print(f"  {f}  {size:,} bytes")
+    return 0
+
+
+def seed_parser(prog: str = "quant_qwen2vl.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Quantize a Qwen2-VL model to W8A8 static int8 "
+                                "(msModelSlim layout), layer by layer.")
+    add_quantize_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="qwenvl-dq", description="Qwen2-VL W8A8 quantization.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a Qwen2-VL checkpoint to W8A8")
+    add_quantize_args(q)
+    a = p.parse_args(argv)
+    if a.command == "quantize":
+        return run_quantize(a)
+    return 2
+
+
+def seed_main(argv: list[str] | None = None) -> int:
+    return run_quantize(seed_parser().parse_args(argv))

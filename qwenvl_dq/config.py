@@ -1,0 +1,76 @@
+"""The run's configuration: one frozen dataclass, field for field with the CLI flags, and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .errors import UserError
+
+ANTI_METHODS = ("m2", "m4", "none")
+DEVICE_TYPES = ("cpu", "npu", "cuda")
+ACT_METHODS = {"minmax": 1, "histogram": 2}
+OUTPUT_FORMATS = ("mindie",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # the seed's flags
+    model_path: str
+    save_directory: str
+    calib_images: str = "../calibImages"
+    part_file_size: float | None = None
+    w_bit: int = 8
+    a_bit: int = 8
+    device_type: str = "npu"
+    trust_remote_code: bool = False
+    anti_method: str = "m2"
+    mindie_format: bool = False
+    # ours
+    calib_num: int | None = None
+    prompt: str = "Please describe this picture in detail."
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    act_method: str = "histogram"
+    output_format: str = "mindie"
+    dry_run: bool = False
+    overwrite: bool = False
+    log_level: str = "info"
+
+    @property
+    def part_bytes(self) -> int | None:
+        return None if self.part_file_size is None else max(1, int(self.part_file_size * (1 << 30)))
+
+    def validate(self) -> "Config":
+        """Check everything that can be checked without loading weights; raise UserError naming the bad value."""
+        if self.w_bit != 8:
+            raise UserError(f"w_bit: {self.w_bit} is not supported; Qwen2-VL W8A8 needs --w_bit 8")
+        if self.a_bit != 8:
+            raise UserError(f"a_bit: {self.a_bit} is not supported; Qwen2-VL W8A8 needs --a_bit 8")
+        if self.part_file_size is not None and not self.part_file_size > 0:
+            raise UserError(f"part_file_size: {self.part_file_size} must be a positive number of GB "
+                            "(or leave it out for a single file)")
+        if self.anti_method not in ANTI_METHODS:
+            raise UserError(f"anti_method: {self.anti_method!r} is not one of {', '.join(ANTI_METHODS)}")
+        if self.device_type not in DEVICE_TYPES:
+            raise UserError(f"device_type: {self.device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
+        if self.act_method not in ACT_METHODS:
+            raise UserError(f"act_method: {self.act_method!r} is not one of {', '.join(ACT_METHODS)}")
+        if self.calib_num is not None and self.calib_num < 1:
+            raise UserError(f"calib_num: {self.calib_num} must be at least 1")
+        if not os.path.isdir(self.model_path):
+            raise UserError(f"model_path: {self.model_path} is not a directory; pass the float Qwen2-VL model folder")
+        if not os.access(self.model_path, os.R_OK | os.X_OK):
+            raise UserError(f"model_path: {self.model_path} is not readable; check its permissions")
+        src = os.path.realpath(self.model_path)
+        dst = os.path.realpath(self.save_directory)
+        if dst == src or dst.startswith(src + os.sep):
+            raise UserError(f"save_directory: {self.save_directory} is inside model_path {self.model_path}; "
+                            "choose a directory outside the source model, which is never written to")
+        if os.path.isfile(self.save_directory):
+            raise UserError(f"save_directory: {self.save_directory} is a file; pass a directory")
+        if not self.dry_run and os.path.isdir(self.save_directory) and os.listdir(self.save_directory) \
+                and not self.overwrite:
+            raise UserError(f"save_directory: {self.save_directory} is not empty; "
+                            "pass --overwrite to replace it, or choose an empty directory")
+        return self

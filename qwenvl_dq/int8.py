@@ -1,0 +1,90 @@
+"""int8 primitives, pure functions over tensors: choose_qparams / quantize / dequantize, and the W8A8 kernel terms.
+
+Weights: symmetric per output channel, scale = absmax / 127, values in [-127, 127].
+Activations: static per tensor, asymmetric, x_q = clamp(round(x / scale) + offset, -128, 127), integer offset.
+The integer kernel the saved tensors imply: y = (x_q @ Wq^T + quant_bias) * deq_scale, where
+deq_scale = input_scale * weight_scale and quant_bias = round(bias / deq_scale - input_offset * sum_k Wq[n, k]).
+All math is float32 (float64 where rounding of the bias term matters), whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMIN, QMAX = -128, 127
+WMAX = 127
+_EPS = 1e-8
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """w: [out, in] -> scale [out, 1] float32, absmax of each output channel / 127 (tiny for all-zero rows)."""
+    return (w.float().abs().amax(dim=1, keepdim=True) / WMAX).clamp_min(_EPS)
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, block_rows: int = 512) -> torch.Tensor:
+    """w: [out, in], scale: [out, 1] -> int8 [out, in], round-half-even(w / scale) clamped to [-127, 127].
+
+    Works in blocks of rows so a large matrix needs no full float32 copy."""
+    out = torch.empty(w.shape, dtype=torch.int8)
+    for r in range(0, w.shape[0], block_rows):
+        blk = w[r:r + block_rows].float().div_(scale[r:r + block_rows])
+        out[r:r + block_rows] = blk.round_().clamp_(-WMAX, WMAX).to(torch.int8)
+    return out
+
+
+def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """wq: int8 [out, in], scale: [out, 1] -> float32 [out, in]."""
+    return wq.float() * scale.float()
+
+
+def act_qparams(lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric per-tensor int8 qparams covering [lo, hi] (widened to hold 0, so zero is exact).
+
+    Returns (scale [1] float32, offset [1] float32 holding an integer in [-128, 127])."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / (QMAX - QMIN), _EPS)
+    offset = QMIN - round(lo / scale)
+    offset = min(max(offset, QMIN), QMAX)
+    return torch.tensor([scale], dtype=torch.float32), torch.tensor([float(offset)], dtype=torch.float32)
+
+
+def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """x: [..., in] float -> int8-valued float32 tensor, clamp(round(x / scale) + offset, -128, 127)."""
+    return (x.float() / scale.float()).round_().add_(offset.float()).clamp_(QMIN, QMAX)
+
+
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Quantize then dequantize: what the int8 kernel sees of x, in float32."""
+    return (quantize_act(x, scale, offset) - offset.float()) * scale.float()
+
+
+def deq_scale(input_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """input_scale: [1], w_scale: [out, 1] (unrounded float32) -> float32 [out]."""
+    return (input_scale.float() * w_scale.float()).reshape(-1)
+
+
+def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, input_offset: torch.Tensor,
+               wq: torch.Tensor) -> torch.Tensor:
+    """int32 [out] = round(bias / deq_scale - input_offset * sum_k Wq[n, k]); bias None counts as 0.
+
+    The offset correction moves the zero point out of the integer matmul: x_q @ Wq^T - offset * rowsum(Wq)."""
+    rowsum = wq.to(torch.int64).sum(dim=1).double()
+    corr = -float(input_offset.reshape(-1)[0]) * rowsum
+    if bias is not None:
+        corr = corr + bias.double() / deq.double()
+    return corr.round().to(torch.int32)
+
+
+def deq_scale_for_dtype(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """deq_scale as saved: float32 for bf16 models; for fp16 models the float32 bits in an int64 (MindIE's layout)."""
+    if model_dtype == torch.float16:
+        return deq.float().contiguous().view(torch.int32).to(torch.int64)
+    return deq.float()
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, qbias: torch.Tensor, deq: torch.Tensor,
+                input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+    """Simulate the integer kernel exactly in float64: x: [..., in] -> y: [..., out] float32."""
+    xq = quantize_act(x, input_scale, input_offset).double()
+    acc = xq @ wq.double().T + qbias.double()
+    return (acc * deq.double()).float()

@@ -1,0 +1,145 @@
+"""One quantization run: plan -> calibrate -> solve -> merge -> write, with the output directory kept honest.
+
+The output directory is complete only when its description json exists: it is written last. Until then an
+INCOMPLETE file says what is going on, parts live under temporary names, and a failure removes what it can.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+
+import torch
+
+from . import calib_data, calibrate, dist, export_mindie, merge, plan, qwen2vl
+from .checkpoint import Checkpoint
+from .config import ACT_METHODS, Config
+from .errors import UserError
+from .writer import PartWriter, write_json
+
+log = logging.getLogger(__name__)
+
+INCOMPLETE = "INCOMPLETE"
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class Summary:
+    save_directory: str
+    files: list[str]
+    bytes_written: int
+    source_bytes: int
+    seconds: dict[str, float]
+
+
+def model_dtype(src_cfg: dict, ckpt: Checkpoint) -> torch.dtype:
+    """The model's float dtype: config's torch_dtype (or dtype), else the embedding's."""
+    name = src_cfg.get("torch_dtype") or src_cfg.get("dtype") or src_cfg.get("text_config", {}).get("torch_dtype")
+    return _DTYPES.get(name, ckpt.dtype("model.embed_tokens.weight"))
+
+
+def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
+    """Every tensor the config implies is present, with the shape it implies."""
+    for name, shape in qwen2vl.checkpoint_shapes(arch).items():
+        if name not in ckpt:
+            raise UserError(f"model_path: tensor {name} is missing from {ckpt.model_path}; "
+                            "the weights do not match config.json (or a shard is missing from the index)")
+        if ckpt.shape(name) != shape:
+            raise UserError(f"model_path: tensor {name} has shape {list(ckpt.shape(name))} but config.json implies "
+                            f"{list(shape)}; the weights and config.json are from different models")
+
+
+def prepare_output(save_directory: str, overwrite: bool) -> None:
+    """Create the output directory (750); with --overwrite, first make an old output stop looking complete."""
+    if os.path.isdir(save_directory) and os.listdir(save_directory):
+        if not overwrite:
+            raise UserError(f"save_directory: {save_directory} is not empty; pass --overwrite to replace it")
+        for desc in ("quant_model_description_w8a8.json", "quant_model_description.json"):
+            if os.path.exists(os.path.join(save_directory, desc)):
+                os.remove(os.path.join(save_directory, desc))
+        for name in os.listdir(save_directory):
+            path = os.path.join(save_directory, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    os.makedirs(save_directory, exist_ok=True)
+    os.chmod(save_directory, export_mindie.DIR_MODE)
+    with open(os.path.join(save_directory, INCOMPLETE), "w") as f:
+        f.write("qwenvl-dq is writing this directory, or was stopped before it finished: do not use it.\n"
+                "It is complete when quant_model_description*.json exists and this file is gone.\n")
+
+
+def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
+                 act: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+    out = cfg.save_directory
+    specs = merge.output_specs(ckpt, arch, dtype)
+    writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes)
+    try:
+        for name, tensor in merge.produce(ckpt, specs, act, dtype):
+            writer.write(name, tensor)
+        parts = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    for p in parts:
+        os.chmod(os.path.join(out, p), export_mindie.WEIGHT_MODE)
+    files = list(parts)
+    if len(parts) > 1:
+        index = export_mindie.WEIGHT_BASE + ".safetensors.index.json"
+        write_json(os.path.join(out, index), {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                                              "weight_map": writer.weight_map()}, export_mindie.JSON_MODE, indent=2)
+        files.append(index)
+    export_mindie.write_config(out, export_mindie.config_json(
+        src_cfg, cfg.mindie_format, ACT_METHODS[cfg.act_method], cfg.anti_method, cfg.device_type))
+    files.append("config.json")
+    files += export_mindie.copy_side_files(cfg.model_path, out)
+    desc = export_mindie.description_name(cfg.mindie_format)
+    write_json(os.path.join(out, desc), export_mindie.description_json(merge.description(specs, arch),
+                                                                         cfg.mindie_format),
+               export_mindie.JSON_MODE, indent=2)
+    files.append(desc)
+    os.remove(os.path.join(out, INCOMPLETE))
+    return files, writer.bytes_written
+
+
+def quantize(cfg: Config) -> Summary | None:
+    """Run the whole job; returns None for --dry_run."""
+    t0 = time.perf_counter()
+    seconds = {}
+    cfg.validate()
+    d = dist.setup(cfg.device_type)
+    src_cfg = qwen2vl.read_config(cfg.model_path)
+    arch = qwen2vl.Arch.from_dict(src_cfg)
+    ckpt = Checkpoint(cfg.model_path)
+    check_checkpoint(ckpt, arch)
+    dtype = model_dtype(src_cfg, ckpt)
+    layout = plan.make_plan(ckpt, arch, d.world_size)
+    if cfg.dry_run:
+        print(plan.report(layout, arch, dtype))
+        return None
+    if cfg.anti_method != "none":
+        raise UserError(f"anti_method: {cfg.anti_method} is not available in this version yet; "
+                        "pass --anti_method none (W8A8 without outlier suppression)")
+    samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num, prompt=cfg.prompt,
+                                      min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                      trust_remote_code=cfg.trust_remote_code)
+    log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
+    seconds["plan"] = time.perf_counter() - t0
+    prepare_output(cfg.save_directory, cfg.overwrite)
+
+    t = time.perf_counter()
+    model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
+    act = calibrate.calibrate(model, ckpt, arch, samples, cfg.act_method, device=d.device,
+                              on_layer=lambda p: log.debug("solved %s", p))
+    seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, act)
+    seconds["write"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
+    return Summary(cfg.save_directory, files, written, source_bytes, seconds)

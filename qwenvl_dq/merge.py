@@ -1,0 +1,104 @@
+"""Rank 0's merge: stream every source tensor once, quantize the W8A8 linears, keep the rest as they are.
+
+output_specs() lists every output tensor (name, dtype, shape) before anything is computed, so the writer can lay
+out the parts; produce() then yields the tensors in that same order, reading each source tensor once.
+
+Per W8A8 linear <p> (in this order, the reference's): <p>.weight int8 [out, in], <p>.bias (float, where the linear
+has one), <p>.weight_scale and <p>.weight_offset [out, 1] in the model dtype, <p>.input_scale and <p>.input_offset
+[1] in the model dtype, <p>.quant_bias int32 [out], <p>.deq_scale float32 [out] (int64 bits for fp16 models).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from . import int8, qwen2vl
+from .checkpoint import Checkpoint
+from .writer import TensorSpec
+
+QUANT_SUFFIXES = ("weight_scale", "weight_offset", "input_scale", "input_offset", "quant_bias", "deq_scale")
+
+
+def source_order(ckpt: Checkpoint, arch: qwen2vl.Arch) -> list[str]:
+    """Source tensor names in module order (the reference's), then any the table does not know, by name."""
+    table = [n for n in qwen2vl.checkpoint_shapes(arch) if n in ckpt]
+    known = set(table)
+    return table + sorted(n for n in ckpt.names() if n not in known)
+
+
+def output_specs(ckpt: Checkpoint, arch: qwen2vl.Arch, model_dtype: torch.dtype) -> list[TensorSpec]:
+    quantized = set(qwen2vl.quantized_linears(arch))
+    deq_dtype = torch.int64 if model_dtype == torch.float16 else torch.float32
+    specs = []
+    for name in source_order(ckpt, arch):
+        p, _, leaf = name.rpartition(".")
+        if p in quantized and leaf == "bias":
+            continue  # emitted right after its weight
+        if p in quantized and leaf == "weight":
+            out, inp = ckpt.shape(name)
+            specs.append(TensorSpec(name, torch.int8, (out, inp)))
+            if p + ".bias" in ckpt:
+                specs.append(TensorSpec(p + ".bias", ckpt.dtype(p + ".bias"), ckpt.shape(p + ".bias")))
+            specs += [
+                TensorSpec(p + ".weight_scale", model_dtype, (out, 1)),
+                TensorSpec(p + ".weight_offset", model_dtype, (out, 1)),
+                TensorSpec(p + ".input_scale", model_dtype, (1,)),
+                TensorSpec(p + ".input_offset", model_dtype, (1,)),
+                TensorSpec(p + ".quant_bias", torch.int32, (out,)),
+                TensorSpec(p + ".deq_scale", deq_dtype, (out,)),
+            ]
+        else:
+            specs.append(TensorSpec(name, ckpt.dtype(name), ckpt.shape(name)))
+    return specs
+
+
+def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
+                    input_offset: torch.Tensor, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The W8A8 tensors of one linear. w: [out, in] float; input_scale/offset: [1] float32."""
+    ws = int8.weight_scale(w)
+    wq = int8.quantize_weight(w, ws)
+    deq = int8.deq_scale(input_scale, ws)
+    return {
+        "weight": wq,
+        "weight_scale": ws.to(model_dtype),
+        "weight_offset": torch.zeros_like(ws, dtype=model_dtype),
+        "input_scale": input_scale.to(model_dtype),
+        "input_offset": input_offset.to(model_dtype),
+        "quant_bias": int8.quant_bias(bias, deq, input_offset, wq),
+        "deq_scale": int8.deq_scale_for_dtype(deq, model_dtype),
+    }
+
+
+def produce(ckpt: Checkpoint, specs: list[TensorSpec], act: dict[str, torch.Tensor],
+            model_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) in the order of `specs`; act holds <p>.input_scale / <p>.input_offset per linear."""
+    pending: dict[str, torch.Tensor] = {}
+    for spec in specs:
+        name = spec.name
+        if name in pending:
+            yield name, pending.pop(name)
+            continue
+        p, _, leaf = name.rpartition(".")
+        if spec.dtype == torch.int8 and leaf == "weight" and (p + ".input_scale") in act:
+            bias = ckpt.get(p + ".bias") if p + ".bias" in ckpt else None
+            q = quantize_linear(ckpt.get(name), bias, act[p + ".input_scale"], act[p + ".input_offset"], model_dtype)
+            if bias is not None:
+                pending[p + ".bias"] = bias
+            pending.update({f"{p}.{k}": q[k] for k in QUANT_SUFFIXES})
+            yield name, q["weight"]
+        else:
+            yield name, ckpt.get(name)
+    if pending:
+        raise RuntimeError(f"merge: tensors computed but not in the plan: {sorted(pending)[:3]}")
+
+
+def description(specs: list[TensorSpec], arch: qwen2vl.Arch) -> dict[str, str]:
+    """name -> "W8A8" for a quantized linear's weight and quant tensors, "FLOAT" for everything else (its bias too)."""
+    quantized = set(qwen2vl.quantized_linears(arch))
+    out = {}
+    for s in specs:
+        p, _, leaf = s.name.rpartition(".")
+        out[s.name] = "W8A8" if p in quantized and leaf != "bias" else "FLOAT"
+    return out

@@ -1,0 +1,107 @@
+"""What calibration keeps of one linear input: per-channel min/max (exact over every token) and a per-tensor
+histogram, from which the static activation range is chosen. Nothing is kept per sample.
+
+The histogram has a fixed bin count over a range that grows as samples arrive; when a sample falls outside it,
+the counts are re-binned into the wider range (each old bin's count spread uniformly over its span), so the result
+depends only on the samples and their order, never on memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import int8
+
+HIST_BINS = 2048
+
+
+class ActObserver:
+    """Statistics of one activation tensor x: [tokens, channels], updated sample by sample."""
+
+    def __init__(self, bins: int = HIST_BINS):
+        self.bins = bins
+        self.ch_min: torch.Tensor | None = None
+        self.ch_max: torch.Tensor | None = None
+        self.hist: torch.Tensor | None = None  # float64 [bins] over [lo, hi]
+        self.lo = self.hi = 0.0
+        self.tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        mn, mx = x.amin(dim=0), x.amax(dim=0)
+        if self.ch_min is None:
+            self.ch_min, self.ch_max = mn, mx
+        else:
+            self.ch_min, self.ch_max = torch.minimum(self.ch_min, mn), torch.maximum(self.ch_max, mx)
+        self.tokens += x.shape[0]
+        lo, hi = float(mn.min()), float(mx.max())
+        if self.hist is None:
+            self.lo, self.hi = lo, hi if hi > lo else lo + 1e-6
+            self.hist = torch.zeros(self.bins, dtype=torch.float64)
+        elif lo < self.lo or hi > self.hi:
+            self._widen(min(lo, self.lo), max(hi, self.hi))
+        self.hist += torch.histc(x, self.bins, self.lo, self.hi).double()
+
+    def _widen(self, lo: float, hi: float) -> None:
+        """Re-bin the counts of [self.lo, self.hi] into `bins` bins over [lo, hi]."""
+        old_edges = torch.linspace(self.lo, self.hi, self.bins + 1, dtype=torch.float64)
+        new_edges = torch.linspace(lo, hi, self.bins + 1, dtype=torch.float64)
+        # cumulative count at each new edge, interpolating the old cumulative histogram linearly inside bins
+        cdf = torch.cat([torch.zeros(1, dtype=torch.float64), self.hist.cumsum(0)])
+        at_new = _interp(new_edges, old_edges, cdf)
+        self.hist = (at_new[1:] - at_new[:-1]).clamp_min(0)
+        self.lo, self.hi = lo, hi
+
+    @property
+    def min(self) -> float:
+        return float(self.ch_min.min())
+
+    @property
+    def max(self) -> float:
+        return float(self.ch_max.max())
+
+    def qparams(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static per-tensor (scale [1], offset [1]) by `method`: 'minmax' or 'histogram'."""
+        if method == "minmax":
+            return int8.act_qparams(self.min, self.max)
+        if method == "histogram":
+            lo, hi = histogram_range(self.hist, self.lo, self.hi)
+            return int8.act_qparams(lo, hi)
+        raise ValueError(f"unknown activation range method {method!r}")
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp for increasing xp, clamped at the ends."""
+    idx = torch.searchsorted(xp, x).clamp(1, len(xp) - 1)
+    x0, x1, y0, y1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    t = ((x - x0) / (x1 - x0).clamp_min(1e-30)).clamp(0, 1)
+    return y0 + t * (y1 - y0)
+
+
+def histogram_range(hist: torch.Tensor, lo: float, hi: float, levels: int = 256) -> tuple[float, float]:
+    """The clipping range [a, b] within [lo, hi] that minimises the expected squared error of asymmetric
+    uniform quantisation with `levels` levels over the histogram (rounding noise inside, clipping error outside).
+
+    Candidates are every pair of bin edges reachable by trimming from each end in steps; each bin's mass sits at
+    its centre. Vectorised over candidates: [candidates, bins] at most."""
+    bins = hist.numel()
+    width = (hi - lo) / bins
+    centers = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+    total = float(hist.sum())
+    if total == 0 or hi <= lo:
+        return lo, hi
+    step = max(1, bins // 128)
+    starts = torch.arange(0, bins // 2, step)
+    stops = torch.arange(bins, bins // 2, -step)
+    a = lo + starts.double() * width  # [S]
+    b = lo + stops.double() * width  # [E]
+    A, B = torch.meshgrid(a, b, indexing="ij")
+    A, B = A.reshape(-1), B.reshape(-1)
+    delta = (B - A) / (levels - 1)
+    c = centers[None, :]
+    inside = (c >= A[:, None]) & (c <= B[:, None])
+    clip_err = torch.where(c < A[:, None], (A[:, None] - c) ** 2, (c - B[:, None]).clamp_min(0) ** 2)
+    err = torch.where(inside, (delta[:, None] ** 2) / 12, clip_err)
+    loss = (err * hist[None, :]).sum(dim=1)
+    k = int(torch.argmin(loss))
+    return float(A[k]), float(B[k])

@@ -1,0 +1,310 @@
+"""THE model adapter for Qwen2-VL: every fact about the model lives here, and nowhere else.
+
+- the checkpoint key table (on-disk names are the same for transformers 4.46 and 5.x),
+- which linears are W8A8 and which linears read the same input (they share one activation observer),
+- how to build the model skeleton on the meta device and materialise one block or layer at a time,
+- how to run one vision block and one decoder layer for the installed transformers version.
+
+The rest of the package speaks in checkpoint names ("model.layers.3.self_attn.q_proj") and never touches
+transformers' module tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from typing import Iterator
+
+import torch
+import transformers
+from torch import nn
+
+from .errors import UserError
+
+TF5 = int(transformers.__version__.split(".")[0]) >= 5
+
+MODEL_TYPES = ("qwen2_vl",)
+
+VISION_BLOCK = "visual.blocks.{i}."
+DECODER_LAYER = "model.layers.{i}."
+
+# Linears that read the same tensor share one observer, so they carry the same input_scale/input_offset.
+# Left in float, as the reference does: every mlp.down_proj and vision mlp.fc2 (their inputs, act(gate)*up and
+# quick_gelu(fc1), have outliers that a static per-tensor int8 scale cannot hold), the merger and lm_head.
+DECODER_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+VISION_GROUPS = (
+    ("attn.qkv",),
+    ("attn.proj",),
+    ("mlp.fc1",),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """The sizes of one Qwen2-VL, read from config.json (flat 4.46 layout or nested 5.x layout)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    tie_word_embeddings: bool
+    vision_depth: int
+    vision_embed_dim: int
+    vision_mlp_dim: int
+    vision_in_chans: int
+    vision_patch_size: int
+    vision_temporal_patch_size: int
+    vision_merge_size: int
+    image_token_id: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> "Arch":
+        text = {**cfg, **cfg.get("text_config", {})}
+        vis = cfg.get("vision_config", {})
+        embed = vis.get("embed_dim", 1280)
+        return cls(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=text["num_attention_heads"],
+            num_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            vision_depth=vis.get("depth", 32),
+            vision_embed_dim=embed,
+            vision_mlp_dim=int(embed * vis.get("mlp_ratio", 4)),
+            vision_in_chans=vis.get("in_chans", vis.get("in_channels", 3)),
+            vision_patch_size=vis.get("patch_size", 14),
+            vision_temporal_patch_size=vis.get("temporal_patch_size", 2),
+            vision_merge_size=vis.get("spatial_merge_size", 2),
+            image_token_id=cfg.get("image_token_id", text.get("image_token_id", 151655)),
+        )
+
+
+def read_config(model_path: str) -> dict:
+    """config.json of a model directory, checked to be a Qwen2-VL."""
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"model_path: {model_path} has no config.json; point --model_path at a Qwen2-VL model directory")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model_path: cannot read {path} ({e}); restore the model's config.json") from None
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UserError(
+            f"model_path: {model_path} holds model_type {model_type!r}, not a Qwen2-VL "
+            f"(expected one of {', '.join(MODEL_TYPES)}); this tool quantizes Qwen2-VL checkpoints only"
+        )
+    return cfg
+
+
+def checkpoint_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen2-VL checkpoint holds, name -> shape, in module registration order (the order of
+    transformers 4.46's state_dict, which is the order the reference writes its description json in)."""
+    h, e, m = arch.hidden_size, arch.vision_embed_dim, arch.vision_mlp_dim
+    kv = arch.num_kv_heads * arch.head_dim
+    merged = e * arch.vision_merge_size**2
+    p, t = arch.vision_patch_size, arch.vision_temporal_patch_size
+    shapes: dict[str, tuple[int, ...]] = {"visual.patch_embed.proj.weight": (e, arch.vision_in_chans, t, p, p)}
+    for i in range(arch.vision_depth):
+        b = VISION_BLOCK.format(i=i)
+        shapes.update({
+            b + "norm1.weight": (e,), b + "norm1.bias": (e,),
+            b + "norm2.weight": (e,), b + "norm2.bias": (e,),
+            b + "attn.qkv.weight": (3 * e, e), b + "attn.qkv.bias": (3 * e,),
+            b + "attn.proj.weight": (e, e), b + "attn.proj.bias": (e,),
+            b + "mlp.fc1.weight": (m, e), b + "mlp.fc1.bias": (m,),
+            b + "mlp.fc2.weight": (e, m), b + "mlp.fc2.bias": (e,),
+        })
+    shapes.update({
+        "visual.merger.ln_q.weight": (e,), "visual.merger.ln_q.bias": (e,),
+        "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
+        "visual.merger.mlp.2.weight": (h, merged), "visual.merger.mlp.2.bias": (h,),
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+    })
+    for i in range(arch.num_layers):
+        b = DECODER_LAYER.format(i=i)
+        shapes.update({
+            b + "self_attn.q_proj.weight": (h, h), b + "self_attn.q_proj.bias": (h,),
+            b + "self_attn.k_proj.weight": (kv, h), b + "self_attn.k_proj.bias": (kv,),
+            b + "self_attn.v_proj.weight": (kv, h), b + "self_attn.v_proj.bias": (kv,),
+            b + "self_attn.o_proj.weight": (h, h),
+            b + "mlp.gate_proj.weight": (arch.intermediate_size, h),
+            b + "mlp.up_proj.weight": (arch.intermediate_size, h),
+            b + "mlp.down_proj.weight": (h, arch.intermediate_size),
+            b + "input_layernorm.weight": (h,),
+            b + "post_attention_layernorm.weight": (h,),
+        })
+    shapes["model.norm.weight"] = (h,)
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+def observer_groups(arch: Arch) -> list[tuple[str, ...]]:
+    """Every group of W8A8 linears (checkpoint prefixes without '.weight') that share one input, in run order."""
+    groups = []
+    for i in range(arch.vision_depth):
+        groups += [tuple(VISION_BLOCK.format(i=i) + n for n in g) for g in VISION_GROUPS]
+    for i in range(arch.num_layers):
+        groups += [tuple(DECODER_LAYER.format(i=i) + n for n in g) for g in DECODER_GROUPS]
+    return groups
+
+
+def quantized_linears(arch: Arch) -> list[str]:
+    return [name for group in observer_groups(arch) for name in group]
+
+
+# --- the live model: skeleton on meta, one block at a time -------------------------------------------------
+
+
+def load_hf_config(model_path: str, trust_remote_code: bool):
+    try:
+        return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise UserError(f"model_path: transformers cannot read {model_path}/config.json ({e})") from None
+
+
+def build_skeleton(hf_config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """Qwen2VLForConditionalGeneration with every parameter on the meta device (no memory); the small buffers
+    (rotary inverse frequencies) stay real, on `device`."""
+    from accelerate import init_empty_weights
+
+    cls = transformers.Qwen2VLForConditionalGeneration
+    kwargs = {"attn_implementation": "sdpa", ("dtype" if TF5 else "torch_dtype"): dtype}
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(hf_config, **kwargs)
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+    return model.eval()
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    return model.model.visual if TF5 else model.visual
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    return model.model.language_model if TF5 else model.model
+
+
+def vision_blocks(model: nn.Module) -> nn.ModuleList:
+    return vision_tower(model).blocks
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return text_model(model).layers
+
+
+def named_module(model: nn.Module, prefix: str) -> nn.Module:
+    """The live module behind a checkpoint prefix such as 'visual.blocks.3.' or 'model.layers.7.'."""
+    parts = prefix.rstrip(".").split(".")
+    if parts[0] == "visual":
+        mod, rest = vision_tower(model), parts[1:]
+    elif parts[0] == "model":
+        mod, rest = text_model(model), parts[1:]
+    else:
+        mod, rest = model, parts
+    for p in rest:
+        mod = mod[int(p)] if p.isdigit() else getattr(mod, p)
+    return mod
+
+
+def materialize(module: nn.Module, prefix: str, read) -> nn.Module:
+    """Load the parameters under checkpoint `prefix` into `module` (which sits on meta). read(name) -> tensor."""
+    state = {name: read(prefix + name) for name, _ in module.named_parameters()}
+    module.load_state_dict(state, strict=False, assign=True)
+    return module
+
+
+def release(module: nn.Module) -> None:
+    """Send a materialised module's parameters back to the meta device, freeing their memory."""
+    module.to("meta")
+
+
+class _Recorder(nn.Module):
+    """Stands in for the vision blocks for one pass: records what block 0 is called with, passes hidden through."""
+
+    def __init__(self, sink: list):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.sink:
+            self.sink.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, read):
+    """Patch-embed one sample's pixels and work out the keyword arguments every vision block is called with.
+
+    Runs the vision tower's own forward with recorders in place of the blocks, so the rotary embedding and
+    cu_seqlens come from the installed transformers version itself. Returns (hidden [patches, embed], call).
+    """
+    visual = vision_tower(model)
+    materialize(visual.patch_embed, "visual.patch_embed.", read)
+    sink: list = []
+    blocks, merger = visual.blocks, visual.merger
+    visual.blocks = nn.ModuleList([_Recorder(sink)])
+    visual.merger = nn.Identity()
+    try:
+        visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
+    finally:
+        visual.blocks, visual.merger = blocks, merger
+        release(visual.patch_embed)
+    hidden, args, kwargs = sink[0]
+    return hidden, (args, kwargs)
+
+
+def run_vision_block(block: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
+    args, kwargs = call
+    return block(hidden, *args, **kwargs)
+
+
+def rope_index(model: nn.Module, input_ids: torch.Tensor, grid_thw: torch.Tensor, image_token_id: int):
+    """3-D mrope position ids [3, 1, L] for one sample (text, then image grid, then text)."""
+    if TF5:
+        owner = model.model
+        params = inspect.signature(owner.get_rope_index).parameters
+        if "mm_token_type_ids" in params:
+            mm = (input_ids == image_token_id).int()
+            return owner.get_rope_index(input_ids, mm, image_grid_thw=grid_thw)[0]
+        return owner.get_rope_index(input_ids, image_grid_thw=grid_thw)[0]
+    return model.get_rope_index(input_ids, grid_thw, None, torch.ones_like(input_ids))[0]
+
+
+def decoder_call(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """Keyword arguments for every decoder layer for one sample: causal attention (mask None -> sdpa is_causal,
+    exact for one unpadded sequence) and the mrope rotary embedding computed by the model's own rotary module."""
+    cos_sin = text_model(model).rotary_emb(hidden, position_ids)
+    kwargs = {"attention_mask": None, "position_embeddings": cos_sin}
+    if not TF5:
+        kwargs["position_ids"] = position_ids
+    return (), kwargs
+
+
+def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def iter_linear_modules(module: nn.Module, prefix: str, names) -> Iterator[tuple[str, nn.Linear]]:
+    """(checkpoint prefix, live nn.Linear) for each linear name under a block/layer."""
+    for n in names:
+        yield prefix + n, module.get_submodule(n)

@@ -1,0 +1,158 @@
+"""Size-limited safetensors parts, written by streaming, atomically; and the small json/text files beside them.
+
+The parts are laid out before any tensor is computed: from the list of (name, dtype, shape) in emission order,
+a new part starts when the next tensor would reach the limit (a tensor larger than the limit gets a part of its
+own, with a warning). Each part's header is written first; tensors are then written at their offsets as they
+arrive, so no part is ever held whole in memory. Within a file, tensors are laid out the way
+safetensors.torch.save_file lays them out (widest dtype first, then by name), so each part is byte-identical
+to save_file of the same tensors.
+
+Every file goes to a temporary name in the output directory and is renamed only once complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import struct
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GB = 1 << 30
+TMP_SUFFIX = ".qwenvl_dq_tmp"
+
+_ST_DTYPE = {
+    torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
+    torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+# safetensors' own order within a file: by dtype, widest first (its Dtype enum, descending), then name
+_ST_RANK = {"I64": 9, "F64": 8, "F32": 7, "I32": 6, "BF16": 5, "F16": 4, "I16": 3, "I8": 2, "U8": 1, "BOOL": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+def split_parts(specs: list[TensorSpec], limit: int | None) -> list[list[TensorSpec]]:
+    """Group specs (in order) into parts of at most `limit` bytes; None -> one part."""
+    if limit is None:
+        return [list(specs)]
+    parts, cur, size = [], [], 0
+    for s in specs:
+        if s.nbytes > limit:
+            log.warning("tensor %s (%d bytes) is larger than part_file_size (%d bytes): it gets a part of its own",
+                        s.name, s.nbytes, limit)
+        if cur and size + s.nbytes > limit:
+            parts.append(cur)
+            cur, size = [], 0
+        cur.append(s)
+        size += s.nbytes
+    if cur:
+        parts.append(cur)
+    return parts
+
+
+def part_names(base: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{base}.safetensors"]
+    return [f"{base}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def _header(specs: list[TensorSpec], metadata: dict | None) -> tuple[bytes, dict[str, int]]:
+    """Serialized safetensors header (length prefix included) and each tensor's byte offset in the data area."""
+    ordered = sorted(specs, key=lambda s: (-_ST_RANK[_ST_DTYPE[s.dtype]], s.name))
+    head, offsets, pos = {}, {}, 0
+    if metadata:
+        head["__metadata__"] = metadata
+    for s in ordered:
+        head[s.name] = {"dtype": _ST_DTYPE[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class PartWriter:
+    """Streams tensors into pre-planned safetensors parts under temporary names; commit() renames them."""
+
+    def __init__(self, out_dir: str, base: str, specs: list[TensorSpec], limit: int | None,
+                 metadata: dict | None = None):
+        self.out_dir = out_dir
+        self.parts = split_parts(specs, limit)
+        self.names = part_names(base, len(self.parts))
+        self.metadata = metadata
+        self._where = {s.name: k for k, part in enumerate(self.parts) for s in part}
+        self._specs = {s.name: s for s in specs}
+        self._left = [len(p) for p in self.parts]
+        self._files: dict[int, tuple] = {}
+        self.bytes_written = 0
+
+    def _open(self, k: int):
+        if k not in self._files:
+            header, offsets = _header(self.parts[k], self.metadata)
+            f = open(os.path.join(self.out_dir, self.names[k] + TMP_SUFFIX), "wb")
+            f.write(header)
+            self._files[k] = (f, len(header), offsets)
+        return self._files[k]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self._specs.get(name)
+        if spec is None or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"writer: {name} {tensor.dtype} {tuple(tensor.shape)} does not match the plan {spec}")
+        k = self._where[name]
+        f, base, offsets = self._open(k)
+        f.seek(base + offsets[name])
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        f.write(memoryview(data))
+        self.bytes_written += data.nbytes
+        self._left[k] -= 1
+        if self._left[k] == 0:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+    def commit(self) -> list[str]:
+        """Rename every finished part to its final name; returns the part file names."""
+        if any(self._left):
+            missing = [s.name for k, p in enumerate(self.parts) for s in p if self._left[k]]
+            raise RuntimeError(f"writer: {len(missing)} planned tensors were never written, e.g. {missing[:3]}")
+        for name in self.names:
+            os.replace(os.path.join(self.out_dir, name + TMP_SUFFIX), os.path.join(self.out_dir, name))
+        return self.names
+
+    def abort(self) -> None:
+        for f, _, _ in self._files.values():
+            if not f.closed:
+                f.close()
+        for name in self.names:
+            try:
+                os.remove(os.path.join(self.out_dir, name + TMP_SUFFIX))
+            except FileNotFoundError:
+                pass
+
+    def weight_map(self) -> dict[str, str]:
+        return {s.name: self.names[k] for k, part in enumerate(self.parts) for s in part}
+
+
+def write_json(path: str, obj, mode: int = 0o600, indent: int = 4) -> None:
+    """Write json to a temporary name, fsync, rename (so the file is whole or absent)."""
+    tmp = path + TMP_SUFFIX
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
