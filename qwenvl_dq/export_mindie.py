@@ -2,7 +2,7 @@
 
 With --mindie_format: quant_model_description_w8a8.json, and config.json gains "quantize": "w8a8",
 vision_config.quantize = "w8a8" and a quantization_config block. Without it: quant_model_description.json with a
-"version" entry, and config.json is copied unchanged. The tensors are the same either way.
+"version" entry first, and config.json keeps the source's content. The tensors are the same either way.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def description_name(mindie_format: bool) -> str:
 
 
 def description_json(types: dict[str, str], mindie_format: bool) -> dict:
-    head = {"model_quant_type": "W8A8"} if mindie_format else {"model_quant_type": "W8A8", "version": "1.0.0"}
+    head = {"model_quant_type": "W8A8"} if mindie_format else {"version": "1.0.0", "model_quant_type": "W8A8"}
     return {**head, **types}
 
 

@@ -1,10 +1,15 @@
 """int8 primitives, pure functions over tensors: choose_qparams / quantize / dequantize, and the W8A8 kernel terms.
 
 Weights: symmetric per output channel, scale = absmax / 127, values in [-127, 127].
-Activations: static per tensor, asymmetric, x_q = clamp(round(x / scale) + offset, -128, 127), integer offset.
+Activations: static per tensor, asymmetric, x_q = clamp(round(x / scale + offset), -128, 127), integer offset
+(the offset is added before rounding, as msModelSlim does).
 The integer kernel the saved tensors imply: y = (x_q @ Wq^T + quant_bias) * deq_scale, where
 deq_scale = input_scale * weight_scale and quant_bias = round(bias / deq_scale - input_offset * sum_k Wq[n, k]).
-All math is float32 (float64 where rounding of the bias term matters), whatever the model dtype.
+
+Where msModelSlim rounds through bf16 (it divides W by the scale in bf16, and multiplies the two bf16 scales in
+bf16 for deq_scale), ours stays in float32: the int8 weight is round(W / s) with s the saved scale, and deq_scale is
+the exact product of the saved scales (two bf16 values multiply exactly in float32). The integer kernel then
+reproduces W and the activation grid as saved, with no extra rounding.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 
 QMIN, QMAX = -128, 127
 WMAX = 127
-_EPS = 1e-8
+_EPS = torch.finfo(torch.float32).eps  # the reference's floor for every scale
 
 
 def weight_scale(w: torch.Tensor) -> torch.Tensor:
@@ -27,7 +32,7 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, block_rows: int = 512)
     Works in blocks of rows so a large matrix needs no full float32 copy."""
     out = torch.empty(w.shape, dtype=torch.int8)
     for r in range(0, w.shape[0], block_rows):
-        blk = w[r:r + block_rows].float().div_(scale[r:r + block_rows])
+        blk = torch.div(w[r:r + block_rows].float(), scale[r:r + block_rows])
         out[r:r + block_rows] = blk.round_().clamp_(-WMAX, WMAX).to(torch.int8)
     return out
 
@@ -49,8 +54,8 @@ def act_qparams(lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """x: [..., in] float -> int8-valued float32 tensor, clamp(round(x / scale) + offset, -128, 127)."""
-    return (x.float() / scale.float()).round_().add_(offset.float()).clamp_(QMIN, QMAX)
+    """x: [..., in] float -> int8-valued float32 tensor, clamp(round(x / scale + offset), -128, 127)."""
+    return (x.float() / scale.float()).add_(offset.float()).round_().clamp_(QMIN, QMAX)
 
 
 def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,7 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -
 
 
 def deq_scale(input_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    """input_scale: [1], w_scale: [out, 1] (unrounded float32) -> float32 [out]."""
+    """input_scale: [1], w_scale: [out, 1], both as saved -> float32 [out], their product in float32."""
     return (input_scale.float() * w_scale.float()).reshape(-1)
 
 
@@ -76,10 +81,11 @@ def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, input_offset: torch
 
 
 def deq_scale_for_dtype(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
-    """deq_scale as saved: float32 for bf16 models; for fp16 models the float32 bits in an int64 (MindIE's layout)."""
-    if model_dtype == torch.float16:
-        return deq.float().contiguous().view(torch.int32).to(torch.int64)
-    return deq.float()
+    """deq_scale as saved: float32 for bf16 models; otherwise (fp16) the float32 bits sign-extended into an int64
+    (MindIE's layout)."""
+    if model_dtype == torch.bfloat16:
+        return deq.float()
+    return deq.float().contiguous().view(torch.int32).to(torch.int64)
 
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, qbias: torch.Tensor, deq: torch.Tensor,

@@ -88,7 +88,7 @@ def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dic
     for p in parts:
         os.chmod(os.path.join(out, p), export_mindie.WEIGHT_MODE)
     files = list(parts)
-    if len(parts) > 1:
+    if cfg.part_bytes is not None:
         index = export_mindie.WEIGHT_BASE + ".safetensors.index.json"
         write_json(os.path.join(out, index), {"metadata": {"total_size": sum(s.nbytes for s in specs)},
                                               "weight_map": writer.weight_map()}, export_mindie.JSON_MODE, indent=2)

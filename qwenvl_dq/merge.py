@@ -28,9 +28,16 @@ def source_order(ckpt: Checkpoint, arch: qwen2vl.Arch) -> list[str]:
     return table + sorted(n for n in ckpt.names() if n not in known)
 
 
+def act_param_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """dtype of input_scale / input_offset: the model dtype for bf16, float32 otherwise (msModelSlim casts its
+    float32 activation qparams to bf16 only)."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
+
+
 def output_specs(ckpt: Checkpoint, arch: qwen2vl.Arch, model_dtype: torch.dtype) -> list[TensorSpec]:
     quantized = set(qwen2vl.quantized_linears(arch))
-    deq_dtype = torch.int64 if model_dtype == torch.float16 else torch.float32
+    deq_dtype = torch.float32 if model_dtype == torch.bfloat16 else torch.int64
+    act_dtype = act_param_dtype(model_dtype)
     specs = []
     for name in source_order(ckpt, arch):
         p, _, leaf = name.rpartition(".")
@@ -44,8 +51,8 @@ def output_specs(ckpt: Checkpoint, arch: qwen2vl.Arch, model_dtype: torch.dtype)
             specs += [
                 TensorSpec(p + ".weight_scale", model_dtype, (out, 1)),
                 TensorSpec(p + ".weight_offset", model_dtype, (out, 1)),
-                TensorSpec(p + ".input_scale", model_dtype, (1,)),
-                TensorSpec(p + ".input_offset", model_dtype, (1,)),
+                TensorSpec(p + ".input_scale", act_dtype, (1,)),
+                TensorSpec(p + ".input_offset", act_dtype, (1,)),
                 TensorSpec(p + ".quant_bias", torch.int32, (out,)),
                 TensorSpec(p + ".deq_scale", deq_dtype, (out,)),
             ]
@@ -56,17 +63,22 @@ def output_specs(ckpt: Checkpoint, arch: qwen2vl.Arch, model_dtype: torch.dtype)
 
 def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: torch.Tensor,
                     input_offset: torch.Tensor, model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The W8A8 tensors of one linear. w: [out, in] float; input_scale/offset: [1] float32."""
-    ws = int8.weight_scale(w)
-    wq = int8.quantize_weight(w, ws)
-    deq = int8.deq_scale(input_scale, ws)
+    """The W8A8 tensors of one linear. w: [out, in] float; input_scale/offset: [1] float32.
+
+    Scales are rounded to their saved dtype first; the int8 weight, deq_scale and quant_bias are then computed
+    from the saved values, so the integer kernel reproduces exactly what the saved tensors say."""
+    act_dtype = act_param_dtype(model_dtype)
+    ws = int8.weight_scale(w).to(model_dtype)
+    in_s, in_o = input_scale.to(act_dtype), input_offset.to(act_dtype)
+    wq = int8.quantize_weight(w, ws.float())
+    deq = int8.deq_scale(in_s, ws)
     return {
         "weight": wq,
-        "weight_scale": ws.to(model_dtype),
-        "weight_offset": torch.zeros_like(ws, dtype=model_dtype),
-        "input_scale": input_scale.to(model_dtype),
-        "input_offset": input_offset.to(model_dtype),
-        "quant_bias": int8.quant_bias(bias, deq, input_offset, wq),
+        "weight_scale": ws,
+        "weight_offset": torch.zeros_like(ws),
+        "input_scale": in_s,
+        "input_offset": in_o,
+        "quant_bias": int8.quant_bias(bias, deq, in_o, wq),
         "deq_scale": int8.deq_scale_for_dtype(deq, model_dtype),
     }
 

@@ -46,7 +46,9 @@ class TensorSpec:
 
 
 def split_parts(specs: list[TensorSpec], limit: int | None) -> list[list[TensorSpec]]:
-    """Group specs (in order) into parts of at most `limit` bytes; None -> one part."""
+    """Group specs (in order) into parts smaller than `limit` bytes; None -> one part.
+
+    As msModelSlim: before adding a tensor, the part is closed if the tensor would make it reach the limit."""
     if limit is None:
         return [list(specs)]
     parts, cur, size = [], [], 0
@@ -54,7 +56,7 @@ def split_parts(specs: list[TensorSpec], limit: int | None) -> list[list[TensorS
         if s.nbytes > limit:
             log.warning("tensor %s (%d bytes) is larger than part_file_size (%d bytes): it gets a part of its own",
                         s.name, s.nbytes, limit)
-        if cur and size + s.nbytes > limit:
+        if cur and size + s.nbytes >= limit:
             parts.append(cur)
             cur, size = [], 0
         cur.append(s)
@@ -64,8 +66,9 @@ def split_parts(specs: list[TensorSpec], limit: int | None) -> list[list[TensorS
     return parts
 
 
-def part_names(base: str, count: int) -> list[str]:
-    if count == 1:
+def part_names(base: str, count: int, parted: bool) -> list[str]:
+    """File names: one unnumbered file without a size limit; numbered parts (even a single one) with a limit."""
+    if not parted:
         return [f"{base}.safetensors"]
     return [f"{base}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
 
@@ -92,7 +95,7 @@ class PartWriter:
                  metadata: dict | None = None):
         self.out_dir = out_dir
         self.parts = split_parts(specs, limit)
-        self.names = part_names(base, len(self.parts))
+        self.names = part_names(base, len(self.parts), limit is not None)
         self.metadata = metadata
         self._where = {s.name: k for k, part in enumerate(self.parts) for s in part}
         self._specs = {s.name: s for s in specs}

@@ -1,0 +1,44 @@
+"""Layer-by-layer calibration sees exactly what the real transformers model computes."""
+
+import torch
+import transformers
+
+from qwenvl_dq import calib_data, calibrate, int8, qwen2vl
+from qwenvl_dq.checkpoint import Checkpoint
+
+
+def test_layer_by_layer_statistics_equal_the_full_model_forward(tiny_model, calib_dir):
+    samples = calib_data.load_samples(calib_dir, tiny_model, limit=2)
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(tiny_model))
+    skeleton = qwen2vl.build_skeleton(qwen2vl.load_hf_config(tiny_model, False), torch.bfloat16)
+    ours = calibrate.calibrate(skeleton, Checkpoint(tiny_model), arch, samples, "minmax")
+    assert len(ours) == 2 * len(qwen2vl.quantized_linears(arch)) == 2 * (3 * 2 + 6 * 3)
+
+    kw = {"dtype" if qwen2vl.TF5 else "torch_dtype": torch.bfloat16}
+    full = transformers.Qwen2VLForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="sdpa", **kw)
+    seen = {}
+
+    def hook(name):
+        def f(_m, args):
+            x = args[0].float()
+            lo, hi = seen.get(name, (float("inf"), float("-inf")))
+            seen[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
+        return f
+
+    for name in qwen2vl.quantized_linears(arch):
+        parts = name.split(".")
+        stack = qwen2vl.vision_blocks(full) if name.startswith("visual") else qwen2vl.decoder_layers(full)
+        mod = stack[int(parts[2])].get_submodule(".".join(parts[3:]))
+        mod.register_forward_pre_hook(hook(name))
+    with torch.no_grad():
+        for s in samples:
+            pos = qwen2vl.rope_index(full, s.input_ids, s.image_grid_thw, arch.image_token_id)
+            full(input_ids=s.input_ids, pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
+                 position_ids=pos)
+    for name, (lo, hi) in seen.items():
+        scale, offset = int8.act_qparams(lo, hi)
+        assert torch.equal(ours[name + ".input_scale"], scale), name
+        assert torch.equal(ours[name + ".input_offset"], offset), name
+    # linears that read one tensor share one observer
+    assert torch.equal(ours["model.layers.1.self_attn.q_proj.input_scale"],
+                       ours["model.layers.1.self_attn.v_proj.input_scale"])

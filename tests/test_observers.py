@@ -1,0 +1,67 @@
+import torch
+
+from qwenvl_dq import int8
+from qwenvl_dq.observers import ActObserver, histogram_range
+
+
+def test_min_max_are_exact_over_samples_and_channels():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 20 + k, 8, generator=g) * (k + 1) for k in range(3)]
+    obs = ActObserver()
+    for x in xs:
+        obs.update(x)
+    cat = torch.cat([x.reshape(-1, 8) for x in xs])
+    assert torch.equal(obs.ch_min, cat.amin(0)) and torch.equal(obs.ch_max, cat.amax(0))
+    assert obs.tokens == cat.shape[0]
+    s, o = obs.qparams("minmax")
+    s_ref, o_ref = int8.act_qparams(float(cat.min()), float(cat.max()))
+    assert torch.equal(s, s_ref) and torch.equal(o, o_ref)
+
+
+def test_widening_keeps_every_count():
+    obs = ActObserver(bins=64)
+    obs.update(torch.linspace(-1, 1, 1000)[:, None])
+    obs.update(torch.linspace(-4, 3, 500)[:, None])
+    assert abs(float(obs.hist.sum()) - 1500) < 1e-6
+    assert obs.lo == -4.0 and obs.hi == 3.0
+    # the first sample's mass stays inside [-1, 1]
+    edges = torch.linspace(obs.lo, obs.hi, 65)
+    inside = (edges[:-1] >= -1.0 - 7 / 64) & (edges[1:] <= 1.0 + 7 / 64)
+    assert float(obs.hist[inside].sum()) >= 1000
+
+
+def _quant_mse(x, lo, hi):
+    s, o = int8.act_qparams(lo, hi)
+    return float(((int8.fake_quant_act(x, s, o) - x) ** 2).mean())
+
+
+def test_histogram_range_clips_a_lone_outlier_among_many_tokens():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400000, 1, generator=g)
+    x[0, 0] = 40.0  # one token far out: clipping it costs less than the coarser grid for 400k tokens
+    obs = ActObserver()
+    obs.update(x)
+    lo, hi = histogram_range(obs.hist, obs.lo, obs.hi)
+    assert obs.lo <= lo < -3.5 and 3.5 < hi < 30.0, (lo, hi)
+    mse_hist, mse_minmax = _quant_mse(x, lo, hi), _quant_mse(x, obs.lo, obs.hi)
+    assert mse_hist < 0.7 * mse_minmax, (mse_hist, mse_minmax)
+
+
+def test_histogram_range_is_the_best_of_its_grid():
+    g = torch.Generator().manual_seed(2)
+    x = torch.cat([torch.randn(5000, 1, generator=g), 12 * torch.rand(40, 1, generator=g)])
+    obs = ActObserver(bins=256)
+    obs.update(x)
+    lo, hi = histogram_range(obs.hist, obs.lo, obs.hi)
+    best = _quant_mse(x, lo, hi)
+    width = (obs.hi - obs.lo) / 256
+    for a in range(0, 128, 8):
+        for b in range(256, 128, -8):
+            assert best <= _quant_mse(x, obs.lo + a * width, obs.lo + b * width) * 1.05
+
+
+def test_histogram_range_keeps_everything_for_uniform_data():
+    obs = ActObserver()
+    obs.update(torch.linspace(-2, 5, 10000)[:, None])
+    lo, hi = histogram_range(obs.hist, obs.lo, obs.hi)
+    assert lo <= -1.9 and hi >= 4.9
