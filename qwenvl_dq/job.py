@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import calib_data, calibrate, dist, export_mindie, merge, plan, qwen2vl
+from . import allocator, calib_data, calibrate, dist, export_mindie, merge, plan, qwen2vl
 from .checkpoint import Checkpoint
 from .config import ACT_METHODS, Config
 from .errors import UserError
@@ -110,6 +110,7 @@ def quantize(cfg: Config) -> Summary | None:
     """Run the whole job; returns None for --dry_run."""
     t0 = time.perf_counter()
     seconds = {}
+    allocator.pin_mmap_threshold()
     cfg.validate()
     d = dist.setup(cfg.device_type)
     src_cfg = qwen2vl.read_config(cfg.model_path)

@@ -1,0 +1,31 @@
+"""Keep freed layer-sized buffers out of the heap, so peak RSS follows one layer, not the model's depth.
+
+glibc serves large allocations with mmap and returns them to the OS on free, but each free of an mmapped chunk
+raises its mmap threshold to that chunk's size; from then on, buffers of a layer's size come from the heap, and
+freeing them does not shrink the process. Loading and freeing one layer after another then grows RSS with every
+layer (measured: 8 -> 32 decoder layers took RSS from 0.8 to 1.6 GiB). Pinning the threshold turns that off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 128 * 1024  # glibc's own initial value
+
+
+def pin_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold (no-op elsewhere); returns whether it took effect."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        log.debug("mallopt unavailable; peak memory may grow with the number of layers")
+        return False
