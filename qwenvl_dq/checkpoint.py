@@ -37,7 +37,8 @@ def read_header(path: str) -> dict:
                 raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"model_path: {path} is not a readable safetensors file ({e}); re-download this shard") from None
+        raise UserError(f"model_path: {path} is not a readable safetensors file ({e}); "
+                        "re-download this shard") from None
     header.pop("__metadata__", None)
     end = 0
     for name, info in header.items():

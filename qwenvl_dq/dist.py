@@ -38,7 +38,8 @@ def _device(device_type: str, local_rank: int) -> torch.device:
                             "matching your torch and CANN (pip install torch-npu==<your torch version>), "
                             "or pass --device_type cpu") from None
         if not torch.npu.is_available():
-            raise UserError("device_type: npu, but torch_npu sees no NPU; check ASCEND_RT_VISIBLE_DEVICES and the driver")
+            raise UserError("device_type: npu, but torch_npu sees no NPU; "
+                            "check ASCEND_RT_VISIBLE_DEVICES and the driver")
         count = torch.npu.device_count()
     elif device_type == "cuda":
         if not torch.cuda.is_available():

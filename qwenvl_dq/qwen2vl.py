@@ -15,7 +15,6 @@ import dataclasses
 import inspect
 import json
 import os
-from typing import Iterator
 
 import torch
 import transformers
@@ -97,7 +96,8 @@ def read_config(model_path: str) -> dict:
     """config.json of a model directory, checked to be a Qwen2-VL."""
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
-        raise UserError(f"model_path: {model_path} has no config.json; point --model_path at a Qwen2-VL model directory")
+        raise UserError(f"model_path: {model_path} has no config.json; "
+                        "point --model_path at a Qwen2-VL model directory")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
@@ -302,9 +302,3 @@ def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Ten
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def iter_linear_modules(module: nn.Module, prefix: str, names) -> Iterator[tuple[str, nn.Linear]]:
-    """(checkpoint prefix, live nn.Linear) for each linear name under a block/layer."""
-    for n in names:
-        yield prefix + n, module.get_submodule(n)

@@ -85,7 +85,8 @@ def test_deq_scale_and_quant_bias_follow_spec_formulas():
 
 
 def test_integer_kernel_equals_float_math_on_quantized_values():
-    """y = (x_q @ Wq^T + quant_bias) * deq_scale equals fake-quant x times dequantized W plus bias (to bias rounding)."""
+    """y = (x_q @ Wq^T + quant_bias) * deq_scale equals fake-quant x times dequantized W plus bias
+    (to the rounding of the bias)."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, 32, generator=g) * 2 + 0.5
     w = torch.randn(10, 32, generator=g) * 0.1

@@ -89,7 +89,8 @@ def calib_data(processor, image_paths: list[str]) -> list[list]:
 
 
 class ExampleHelpers:
-    """config.json rewrite + tokenizer copy: msModelSlim's example/common/vlm_utils.py if importable, else a stand-in."""
+    """config.json rewrite + tokenizer copy: msModelSlim's example/common/vlm_utils.py if importable,
+    else a stand-in."""
 
     def __init__(self, ref_example: str | None):
         self.source = "stand-in (documented behaviour of example/common/vlm_utils.py)"
