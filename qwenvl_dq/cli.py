@@ -97,7 +97,8 @@ def run_quantize(a: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the output directory is marked INCOMPLETE", file=sys.stderr)
+        print("interrupted: nothing was completed; an output directory, if one was started, holds an INCOMPLETE "
+              "file and no description json", file=sys.stderr)
         return 130
     if summary is not None:
         print(f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
