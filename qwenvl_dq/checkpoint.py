@@ -24,8 +24,9 @@ DTYPES = {
 }
 
 
-def read_header(path: str) -> dict:
-    """The JSON header of one safetensors file: {name: {"dtype", "shape", "data_offsets"}}, checked for sanity."""
+def read_header(path: str) -> tuple[dict, int]:
+    """The JSON header of one safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked for sanity,
+    and the file offset where the tensor data starts."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -55,7 +56,7 @@ def read_header(path: str) -> dict:
     if 8 + n + end > size:
         raise UserError(f"model_path: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
                         "re-download this shard")
-    return header
+    return header, 8 + n
 
 
 class Checkpoint:
@@ -86,10 +87,8 @@ class Checkpoint:
         # name -> (file, dtype, shape, absolute byte offset, byte length)
         self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
         for fname in files:
-            path = self._path(fname)
-            with open(path, "rb") as f:
-                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-            for name, info in read_header(path).items():
+            header, data_start = read_header(self._path(fname))
+            for name, info in header.items():
                 begin, stop = info["data_offsets"]
                 self.entries[name] = (fname, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin,
                                       stop - begin)
