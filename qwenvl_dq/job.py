@@ -52,11 +52,10 @@ def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
                             f"{list(shape)}; the weights and config.json are from different models")
 
 
-def prepare_output(save_directory: str, overwrite: bool) -> None:
-    """Create the output directory (750); with --overwrite, first make an old output stop looking complete."""
+def prepare_output(save_directory: str) -> None:
+    """Create the output directory (750). A non-empty one (Config.validate let it through: --overwrite was given)
+    first stops looking complete, then is emptied."""
     if os.path.isdir(save_directory) and os.listdir(save_directory):
-        if not overwrite:
-            raise UserError(f"save_directory: {save_directory} is not empty; pass --overwrite to replace it")
         for desc in ("quant_model_description_w8a8.json", "quant_model_description.json"):
             if os.path.exists(os.path.join(save_directory, desc)):
                 os.remove(os.path.join(save_directory, desc))
@@ -130,7 +129,7 @@ def quantize(cfg: Config) -> Summary | None:
                                       trust_remote_code=cfg.trust_remote_code)
     log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
     seconds["plan"] = time.perf_counter() - t0
-    prepare_output(cfg.save_directory, cfg.overwrite)
+    prepare_output(cfg.save_directory)
 
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
