@@ -80,10 +80,14 @@ def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, input_offset: torch
     return corr.round().to(torch.int32)
 
 
+def deq_scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """Saved dtype of deq_scale: float32 for bf16 models; int64 otherwise (fp16: MindIE's layout)."""
+    return torch.float32 if model_dtype == torch.bfloat16 else torch.int64
+
+
 def deq_scale_for_dtype(deq: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
-    """deq_scale as saved: float32 for bf16 models; otherwise (fp16) the float32 bits sign-extended into an int64
-    (MindIE's layout)."""
-    if model_dtype == torch.bfloat16:
+    """deq_scale as saved: float32 for bf16 models; otherwise the float32 bits sign-extended into an int64."""
+    if deq_scale_dtype(model_dtype) == torch.float32:
         return deq.float()
     return deq.float().contiguous().view(torch.int32).to(torch.int64)
 

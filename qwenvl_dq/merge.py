@@ -36,7 +36,7 @@ def act_param_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 def output_specs(ckpt: Checkpoint, arch: qwen2vl.Arch, model_dtype: torch.dtype) -> list[TensorSpec]:
     quantized = set(qwen2vl.quantized_linears(arch))
-    deq_dtype = torch.float32 if model_dtype == torch.bfloat16 else torch.int64
+    deq_dtype = int8.deq_scale_dtype(model_dtype)
     act_dtype = act_param_dtype(model_dtype)
     specs = []
     for name in source_order(ckpt, arch):

@@ -9,23 +9,15 @@ order inside the file, the description json, config.json and the file modes must
 import json
 import os
 import stat
-import struct
 
 import pytest
 
 from conftest import ROOT, quantize
+from qwenvl_dq.checkpoint import read_header
 
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden")
 FLAGS = {"mindie": ["--mindie_format"], "default": [], "default_parts": ["--part_file_size", "1"]}
 OURS_ONLY = {"merges.txt"}  # the reference copies only *.json (and *.py); we copy every tokenizer file, no code
-
-
-def header(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        h = json.loads(f.read(n))
-    h.pop("__metadata__", None)
-    return h
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +40,7 @@ def test_output_matches_msmodelslim_manifest(outputs, dtype, layout):
     tensors = {}
     for f in sorted(os.listdir(out)):
         if f.endswith(".safetensors"):
-            tensors.update({k: [v["dtype"], v["shape"]] for k, v in header(os.path.join(out, f)).items()})
+            tensors.update({k: [v["dtype"], v["shape"]] for k, v in read_header(os.path.join(out, f))[0].items()})
     assert list(tensors.items()) == list(gold["tensors"].items())  # same names, dtypes, shapes, same file order
     assert len(tensors) == gold["num_tensors"]
     desc = json.load(open(os.path.join(out, gold["description_file"])))
