@@ -1,6 +1,7 @@
 """Lazy, read-only view of a model's safetensors: header listing first, then one tensor at a time.
 
-Reads model.safetensors.index.json (or a single model.safetensors). Opening a shard reads only its header;
+Reads model.safetensors.index.json (or a single model.safetensors; in a quantized output, its one index or
+its one safetensors file). Opening a shard reads only its header;
 tensors are read one at a time, so memory never scales with the checkpoint.
 """
 
@@ -24,7 +25,7 @@ DTYPES = {
 }
 
 
-def read_header(path: str) -> tuple[dict, int]:
+def read_header(path: str, role: str = "model_path") -> tuple[dict, int]:
     """The JSON header of one safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked for sanity,
     and the file offset where the tensor data starts."""
     try:
@@ -38,23 +39,23 @@ def read_header(path: str) -> tuple[dict, int]:
                 raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"model_path: {path} is not a readable safetensors file ({e}); "
+        raise UserError(f"{role}: {path} is not a readable safetensors file ({e}); "
                         "re-download this shard") from None
     header.pop("__metadata__", None)
     end = 0
     for name, info in header.items():
         if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
-            raise UserError(f"model_path: {path} has a bad entry for tensor {name!r}; re-download this shard")
+            raise UserError(f"{role}: {path} has a bad entry for tensor {name!r}; re-download this shard")
         begin, stop = info["data_offsets"]
         count = 1
         for d in info["shape"]:
             count *= d
         if stop - begin != count * torch.empty(0, dtype=DTYPES[info["dtype"]]).element_size():
-            raise UserError(f"model_path: {path}: tensor {name!r} has {stop - begin} bytes for shape {info['shape']}; "
+            raise UserError(f"{role}: {path}: tensor {name!r} has {stop - begin} bytes for shape {info['shape']}; "
                             "the shard is corrupt, re-download it")
         end = max(end, stop)
     if 8 + n + end > size:
-        raise UserError(f"model_path: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
+        raise UserError(f"{role}: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
                         "re-download this shard")
     return header, 8 + n
 
@@ -65,29 +66,33 @@ class Checkpoint:
     Tensors are read with plain positional reads into fresh memory, not through a memory map, so the process holds
     only the tensors it is using (a long-lived map would keep every page it touched resident)."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, role: str = "model_path"):
+        """role: the flag named in error messages."""
         self.model_path = model_path
+        self.role = role
         index = os.path.join(model_path, INDEX)
         single = os.path.join(model_path, SINGLE)
+        if not os.path.isfile(index) and not os.path.isfile(single):
+            index, single = self._other_layout(model_path, index, single)
         if os.path.isfile(index):
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"model_path: cannot read {index} ({e}); restore the index file") from None
+                raise UserError(f"{role}: cannot read {index} ({e}); restore the index file") from None
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
-            files = [SINGLE]
+            files = [os.path.basename(single)]
         else:
             bins = [n for n in os.listdir(model_path) if n.endswith(".bin")]
             hint = (" (it holds only PyTorch .bin weights: convert them to safetensors first, e.g. "
                     "model.save_pretrained(dir, safe_serialization=True))" if bins else "")
-            raise UserError(f"model_path: {model_path} has no {INDEX} or {SINGLE}{hint}")
+            raise UserError(f"{role}: {model_path} has no {INDEX} or {SINGLE}{hint}")
         self.files = files
         # name -> (file, dtype, shape, absolute byte offset, byte length)
         self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
         for fname in files:
-            header, data_start = read_header(self._path(fname))
+            header, data_start = read_header(self._path(fname), role)
             for name, info in header.items():
                 begin, stop = info["data_offsets"]
                 self.entries[name] = (fname, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin,
@@ -95,13 +100,29 @@ class Checkpoint:
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
 
+    @staticmethod
+    def _other_layout(model_path: str, index: str, single: str) -> tuple[str, str]:
+        """A directory written by a quantizer (quant_model_weight_w8a8.safetensors or its numbered parts and
+        index): its one *.safetensors.index.json, else its one *.safetensors file."""
+        try:
+            names = sorted(os.listdir(model_path))
+        except OSError:
+            return index, single
+        indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+        files = [n for n in names if n.endswith(".safetensors")]
+        if len(indexes) == 1:
+            return os.path.join(model_path, indexes[0]), single
+        if not indexes and len(files) == 1:
+            return index, os.path.join(model_path, files[0])
+        return index, single
+
     def _path(self, fname: str) -> str:
         path = os.path.realpath(os.path.join(self.model_path, fname))
         root = os.path.realpath(self.model_path)
         if os.path.dirname(path) != root:
-            raise UserError(f"model_path: the index names {fname!r}, which lies outside {self.model_path}")
+            raise UserError(f"{self.role}: the index names {fname!r}, which lies outside {self.model_path}")
         if not os.path.isfile(path):
-            raise UserError(f"model_path: the index names {fname}, which is missing from {self.model_path}; "
+            raise UserError(f"{self.role}: the index names {fname}, which is missing from {self.model_path}; "
                             "download the missing shard")
         return path
 
@@ -129,7 +150,7 @@ class Checkpoint:
         while done < length:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n == 0:
-                raise UserError(f"model_path: {fname} ended early while reading it; the shard is truncated")
+                raise UserError(f"{self.role}: {fname} ended early while reading it; the shard is truncated")
             done += n
         self.bytes_read += length
         return buf
@@ -137,7 +158,7 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype, in memory of its own."""
         if name not in self.entries:
-            raise UserError(f"model_path: tensor {name!r} is missing from {self.model_path}; "
+            raise UserError(f"{self.role}: tensor {name!r} is missing from {self.model_path}; "
                             "the checkpoint does not match its config.json")
         fname, dtype, shape, offset, length = self.entries[name]
         return self._read(fname, offset, length).view(dtype).reshape(shape)

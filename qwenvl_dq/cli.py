@@ -1,6 +1,7 @@
 """Command line: the reference script's flags with its defaults (msModelSlim's quant_qwen2vl.py), plus ours.
 
     qwenvl-dq quantize --model_path M --save_directory OUT [--calib_images DIR] [--mindie_format] ...
+    qwenvl-dq evaluate --model_path M --quantized OUT [OUT ...] --images HELDOUT [--report r.json]
     python -m qwenvl_dq quantize ...
     python scripts/quant_qwen2vl.py ...        (the same flags, no subcommand)
 """
@@ -110,6 +111,57 @@ def run_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_path", required=True, help="the float Qwen2-VL the outputs were quantized from")
+    p.add_argument("--quantized", required=True, nargs="+", metavar="DIR",
+                   help="one or more quantized output directories (qwenvl-dq's or msModelSlim's)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="a name per --quantized directory for the table and plot (default: directory names)")
+    p.add_argument("--images", required=True,
+                   help="held-out images (not the calibration ones) to evaluate on")
+    p.add_argument("--num_images", type=int, default=None, help="use only the first N images (sorted by name)")
+    p.add_argument("--prompt", default="Please describe this picture in detail.",
+                   help="text that follows each image (default: %(default)r)")
+    p.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
+    p.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+    p.add_argument("--report", default="quality_report.json", help="JSON report path (default: %(default)s)")
+    p.add_argument("--plot", default=None, help="PNG of SQNR by layer (default: the report path with .png)")
+    p.add_argument("--device_type", default="cpu", choices=["cpu", "cuda", "npu"],
+                   help="device to run both models on (default: %(default)s)")
+    p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
+                   help="allow code from the model directory to run (default: %(default)s)")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def run_evaluate(a: argparse.Namespace) -> int:
+    from . import dist, evaluate
+
+    setup_logging(a.log_level)
+    try:
+        labels = a.labels or [os.path.basename(os.path.normpath(d)) for d in a.quantized]
+        if len(labels) != len(a.quantized) or len(set(labels)) != len(labels):
+            raise UserError(f"labels: {labels} must be one distinct name per --quantized directory "
+                            f"({len(a.quantized)} given)")
+        if a.num_images is not None and a.num_images < 1:
+            raise UserError(f"num_images: {a.num_images} must be at least 1")
+        device = dist.device_for(a.device_type)
+        report = evaluate.evaluate(a.model_path, list(zip(labels, a.quantized)), a.images, limit=a.num_images,
+                                   prompt=a.prompt, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+                                   device=device, trust_remote_code=a.trust_remote_code)
+    except UserError as e:
+        if a.log_level == "debug":
+            logging.exception("failed")
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    evaluate.write_report(report, a.report)
+    png = a.plot or os.path.splitext(a.report)[0] + ".png"
+    evaluate.plot(report, png)
+    print(f"{len(report['samples'])} images, {report['tokens']} tokens: {', '.join(report['samples'])}")
+    print(evaluate.table(report))
+    print(f"report: {a.report}\nplot: {png}")
+    return 0
+
+
 def seed_parser(prog: str = "quant_qwen2vl.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Quantize a Qwen2-VL model to W8A8 static int8 "
                                 "(msModelSlim layout), layer by layer.")
@@ -122,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a Qwen2-VL checkpoint to W8A8")
     add_quantize_args(q)
+    e = sub.add_parser("evaluate", help="compare quantized outputs with their float model on held-out images")
+    add_evaluate_args(e)
     a = p.parse_args(argv)
     if a.command == "quantize":
         return run_quantize(a)
-    return 2
+    return run_evaluate(a)
 
 
 def seed_main(argv: list[str] | None = None) -> int:

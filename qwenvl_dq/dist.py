@@ -54,6 +54,11 @@ def _device(device_type: str, local_rank: int) -> torch.device:
     return torch.device(device_type, local_rank)
 
 
+def device_for(device_type: str) -> torch.device:
+    """This process's device (card LOCAL_RANK) for a single-process tool such as evaluate."""
+    return _device(device_type, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def setup(device_type: str) -> Dist:
     """Read the launcher's environment and pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

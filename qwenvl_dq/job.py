@@ -73,12 +73,12 @@ def prepare_output(save_directory: str) -> None:
 
 
 def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
-                 act: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+                 results: dict[str, torch.Tensor]) -> tuple[list[str], int]:
     out = cfg.save_directory
     specs = merge.output_specs(ckpt, arch, dtype)
     writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes)
     try:
-        for name, tensor in merge.produce(ckpt, specs, act, dtype):
+        for name, tensor in merge.produce(ckpt, specs, results, dtype):
             writer.write(name, tensor)
         parts = writer.commit()
     except BaseException:
@@ -121,9 +121,6 @@ def quantize(cfg: Config) -> Summary | None:
     if cfg.dry_run:
         print(plan.report(layout, arch, dtype))
         return None
-    if cfg.anti_method != "none":
-        raise UserError(f"anti_method: {cfg.anti_method} is not available in this version yet; "
-                        "pass --anti_method none (W8A8 without outlier suppression)")
     samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num, prompt=cfg.prompt,
                                       min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                       trust_remote_code=cfg.trust_remote_code)
@@ -133,12 +130,12 @@ def quantize(cfg: Config) -> Summary | None:
 
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
-    act = calibrate.calibrate(model, ckpt, arch, samples, cfg.act_method, device=d.device,
-                              on_layer=lambda p: log.debug("solved %s", p))
+    results = calibrate.calibrate(model, ckpt, arch, samples, cfg.act_method, cfg.anti_method, device=d.device,
+                                  on_layer=lambda p: log.debug("solved %s", p))
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, act)
+    files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())

@@ -1,4 +1,5 @@
-"""Rank 0's merge: stream every source tensor once, quantize the W8A8 linears, keep the rest as they are.
+"""Rank 0's merge: stream every source tensor once, fold the smoothing factors in, quantize the W8A8 linears, keep
+the rest as they are.
 
 output_specs() lists every output tensor (name, dtype, shape) before anything is computed, so the writer can lay
 out the parts; produce() then yields the tensors in that same order, reading each source tensor once.
@@ -14,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from . import int8, qwen2vl
+from . import int8, qwen2vl, smooth
 from .checkpoint import Checkpoint
 from .writer import TensorSpec
 
@@ -83,9 +84,20 @@ def quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, input_scale: tor
     }
 
 
-def produce(ckpt: Checkpoint, specs: list[TensorSpec], act: dict[str, torch.Tensor],
+def module_params(ckpt: Checkpoint, prefix: str, results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{"weight", ["bias"]} of the module at `prefix`, with its smoothing factors folded in (rounded to the source
+    dtype, exactly as calibration ran them)."""
+    raw = {leaf: ckpt.get(f"{prefix}.{leaf}") for leaf in ("weight", "bias") if f"{prefix}.{leaf}" in ckpt}
+    factors = smooth.module_factors(results, prefix)
+    if not factors:
+        return raw
+    return {k: v.to(raw[k].dtype) for k, v in smooth.fold(raw, factors).items()}
+
+
+def produce(ckpt: Checkpoint, specs: list[TensorSpec], results: dict[str, torch.Tensor],
             model_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) in the order of `specs`; act holds <p>.input_scale / <p>.input_offset per linear."""
+    """Yield (name, tensor) in the order of `specs`. results holds <p>.input_scale / <p>.input_offset per W8A8
+    linear and the smoothing factors (smooth.KEYS) per smoothed module."""
     pending: dict[str, torch.Tensor] = {}
     for spec in specs:
         name = spec.name
@@ -93,13 +105,19 @@ def produce(ckpt: Checkpoint, specs: list[TensorSpec], act: dict[str, torch.Tens
             yield name, pending.pop(name)
             continue
         p, _, leaf = name.rpartition(".")
-        if spec.dtype == torch.int8 and leaf == "weight" and (p + ".input_scale") in act:
-            bias = ckpt.get(p + ".bias") if p + ".bias" in ckpt else None
-            q = quantize_linear(ckpt.get(name), bias, act[p + ".input_scale"], act[p + ".input_offset"], model_dtype)
+        if spec.dtype == torch.int8 and leaf == "weight" and (p + ".input_scale") in results:
+            params = module_params(ckpt, p, results)
+            bias = params.get("bias")
+            q = quantize_linear(params["weight"], bias, results[p + ".input_scale"], results[p + ".input_offset"],
+                                model_dtype)
             if bias is not None:
                 pending[p + ".bias"] = bias
             pending.update({f"{p}.{k}": q[k] for k in QUANT_SUFFIXES})
             yield name, q["weight"]
+        elif leaf in ("weight", "bias") and smooth.module_factors(results, p):
+            params = module_params(ckpt, p, results)
+            pending.update({f"{p}.{k}": v for k, v in params.items() if k != leaf})
+            yield name, params[leaf]
         else:
             yield name, ckpt.get(name)
     if pending:

@@ -108,3 +108,34 @@ def histogram_range(hist: torch.Tensor, lo: float, hi: float, levels: int = 256)
     k = int(torch.argmin(loss))
     a, b = divmod(k, len(idx))
     return lo + int(idx[a]) * width, lo + int(idx[b]) * width
+
+
+RESERVOIR_TOKENS = 2048
+MIN_WINDOW = 64
+_HASH = 2654435761  # Knuth's multiplicative hash: a fixed, rank-independent window position per sample
+
+
+class Reservoir:
+    """The tokens a smoothing search scores on: one contiguous window of every sample (whole samples while they fit
+    in `budget` tokens in all), at a position fixed by the sample's index and length alone. Windows keep
+    sequence structure, so attention can be recomputed on them; the same windows come out whatever the
+    order of arrival or the number of ranks."""
+
+    def __init__(self, n_samples: int, budget: int = RESERVOIR_TOKENS):
+        self.per_sample = max(MIN_WINDOW, budget // max(1, n_samples))
+        self.windows: dict[int, tuple[int, int, torch.Tensor]] = {}
+
+    def window(self, k: int, length: int) -> tuple[int, int]:
+        w = min(length, self.per_sample)
+        start = (k * _HASH) % (length - w + 1)
+        return start, start + w
+
+    def add(self, k: int, x: torch.Tensor) -> None:
+        """x: sample k's input, [tokens, channels] (or [1, tokens, channels])."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        start, end = self.window(k, x.shape[0])
+        self.windows[k] = (start, end, x[start:end].float().clone())
+
+    def items(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        """[(sample, start, end, window)] in sample order."""
+        return [(k, *self.windows[k]) for k in sorted(self.windows)]

@@ -45,6 +45,35 @@ VISION_GROUPS = (
 
 
 @dataclasses.dataclass(frozen=True)
+class SmoothGroup:
+    """Where an anti-outlier factor goes: `source` (a norm, or the linear whose rows produce v) feeds `linears`
+    (one observer group above), and the search measures `output`:
+    "attention" (the attention output before its output projection), "gated_mlp" (act(gate) * up),
+    "mlp" (act(fc1)) or "linear" (the linear itself). `v_rows` marks a v -> o group: the factor divides the rows
+    of `source` that hold v. `methods` lists the anti_methods that smooth this group."""
+
+    source: str
+    linears: tuple[str, ...]
+    output: str
+    methods: tuple[str, ...]
+    has_bias: bool = False  # LayerNorm: m2 also shifts
+    v_rows: bool = False
+
+
+DECODER_SMOOTH = (
+    SmoothGroup("input_layernorm", DECODER_GROUPS[0], "attention", ("m2", "m4")),
+    SmoothGroup("self_attn.v_proj", DECODER_GROUPS[1], "linear", ("m4",), v_rows=True),
+    SmoothGroup("post_attention_layernorm", DECODER_GROUPS[2], "gated_mlp", ("m2", "m4")),
+)
+VISION_SMOOTH = (
+    SmoothGroup("norm1", VISION_GROUPS[0], "attention", ("m2", "m4"), has_bias=True),
+    SmoothGroup("attn.qkv", VISION_GROUPS[1], "linear", ("m4",), v_rows=True),
+    SmoothGroup("norm2", VISION_GROUPS[2], "mlp", ("m2", "m4"), has_bias=True),
+)
+ATTENTION = {"decoder": ("self_attn", "o_proj"), "vision": ("attn", "proj")}  # attention module, its output linear
+
+
+@dataclasses.dataclass(frozen=True)
 class Arch:
     """The sizes of one Qwen2-VL, read from config.json (flat 4.46 layout or nested 5.x layout)."""
 
@@ -302,3 +331,99 @@ def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Ten
     args, kwargs = call
     out = layer(hidden, *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+# --- what the anti-outlier searches need to know about the model -------------------------------------------------
+
+
+def smooth_groups(kind: str, method: str) -> list[SmoothGroup]:
+    """The groups `method` smooths in a decoder layer (kind 'decoder') or a vision block ('vision')."""
+    table = DECODER_SMOOTH if kind == "decoder" else VISION_SMOOTH
+    return [g for g in table if method in g.methods]
+
+
+def v_layout(kind: str, arch: Arch) -> tuple[int, int, torch.Tensor | None]:
+    """For a v -> o group: (first row of v in the source linear, its row count, tie) where tie maps each input
+    channel of the output projection to its v row (grouped-query heads share one kv head), None if one to one."""
+    if kind == "vision":
+        e = arch.vision_embed_dim
+        return 2 * e, e, None
+    hd, rep = arch.head_dim, arch.num_heads // arch.num_kv_heads
+    c = torch.arange(arch.num_heads * hd)
+    tie = (c // hd // rep) * hd + c % hd
+    return 0, arch.num_kv_heads * hd, (None if rep == 1 else tie)
+
+
+def _slice_seq(v, start: int, end: int):
+    """Cut tokens [start, end) out of rotary tables: the sequence axis is the second to last in every version
+    (decoder cos/sin [(3,) 1, L, D], vision cos/sin [L, D] or rotary_pos_emb [L, D/2])."""
+    if isinstance(v, torch.Tensor) and v.dim() >= 2:
+        return v[..., start:end, :]
+    if isinstance(v, tuple):
+        return tuple(_slice_seq(x, start, end) for x in v)
+    return v
+
+
+def window_call(call, start: int, end: int):
+    """The call of a layer restricted to tokens [start, end) of one sample: rotary tables and position ids cut to
+    the window; for vision one sequence (cu_seqlens [0, w]), so attention stays within the window."""
+    args, kwargs = call
+    out = {}
+    for k, v in kwargs.items():
+        if k == "cu_seqlens":
+            out[k] = torch.tensor([0, end - start], dtype=v.dtype, device=v.device)
+        elif k == "max_seqlen":
+            out[k] = end - start
+        elif k == "position_ids" and isinstance(v, torch.Tensor):
+            out[k] = v[..., start:end]
+        else:
+            out[k] = _slice_seq(v, start, end)
+    return args, out
+
+
+def _as_float(v):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.float()
+    if isinstance(v, tuple):
+        return tuple(_as_float(x) for x in v)
+    return v
+
+
+def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
+    """f(xs, ws, bs) -> one float32 output per window: the group output the searches measure, computed by the
+    live layer's own modules (rotary, heads, masks and activation of the installed transformers) with the given
+    weights. calls[i] is window i's call (window_call)."""
+    if group.output == "linear":
+        return lambda xs, ws, bs: [torch.nn.functional.linear(x, ws[0], bs[0]) for x in xs]
+    if group.output == "gated_mlp":
+        act = layer.get_submodule("mlp").act_fn
+        return lambda xs, ws, bs: [act(torch.nn.functional.linear(x, ws[0], bs[0])) *
+                                   torch.nn.functional.linear(x, ws[1], bs[1]) for x in xs]
+    if group.output == "mlp":
+        act = layer.get_submodule("mlp").act
+        return lambda xs, ws, bs: [act(torch.nn.functional.linear(x, ws[0], bs[0])) for x in xs]
+    attn_name, out_name = ATTENTION[kind]
+    attn = layer.get_submodule(attn_name)
+    leaves = [n[len(attn_name) + 1:] for n in group.linears]
+    float_calls = [(_as_float(a), {k: _as_float(v) for k, v in kw.items()}) for a, kw in calls]
+
+    def attention(xs, ws, bs):
+        params = {}
+        for leaf, w, b in zip(leaves, ws, bs):
+            params[leaf + ".weight"] = w
+            if b is not None:
+                params[leaf + ".bias"] = b
+        out_proj = getattr(attn, out_name)
+        setattr(attn, out_name, nn.Identity())
+        try:
+            outs = []
+            for x, (args, kwargs) in zip(xs, float_calls):
+                h = x if kind == "vision" else x[None]
+                o = torch.func.functional_call(attn, params, (h, *args), kwargs, strict=False)
+                o = o[0] if isinstance(o, tuple) else o
+                outs.append(o.reshape(x.shape[0], -1).float())
+            return outs
+        finally:
+            setattr(attn, out_name, out_proj)
+
+    return attention
