@@ -2,8 +2,9 @@
 
 The manifests were produced by scripts/golden/make_golden.sh: the reference's Calibrator alone, with its example
 script's QuantConfig and disable names, saved in the MindIE layout (safe_tensor), the default layout (ascendV1), and
-the default layout with part_file_size=1. Values differ by design (see README); names, dtypes, shapes, the byte
-order inside the file, the description json, config.json and the file modes must not.
+the default layout with part_file_size=1; and the example's full flow (AntiOutlier m2 or m4, then the Calibrator)
+in the MindIE layout, which adds no tensor for either method. Values differ by design (see README); names, dtypes,
+shapes, the byte order inside the file, the description json, config.json and the file modes must not.
 """
 
 import json
@@ -16,7 +17,9 @@ from conftest import ROOT, quantize
 from qwenvl_dq.checkpoint import read_header
 
 GOLDEN = os.path.join(ROOT, "tests", "data", "golden")
-FLAGS = {"mindie": ["--mindie_format"], "default": [], "default_parts": ["--part_file_size", "1"]}
+FLAGS = {"mindie": ["--mindie_format"], "default": [], "default_parts": ["--part_file_size", "1"],
+         "mindie_m2": ["--mindie_format", "--anti_method", "m2"],
+         "mindie_m4": ["--mindie_format", "--anti_method", "m4"]}
 OURS_ONLY = {"merges.txt"}  # the reference copies only *.json (and *.py); we copy every tokenizer file, no code
 
 

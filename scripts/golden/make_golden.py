@@ -14,7 +14,9 @@ For each model dtype (bfloat16, float16):
   5. rewrite config.json and copy the tokenizer/json files with the example's own helper
      (example/common/vlm_utils.py) when --ref_example points at an msModelSlim 26.1.0 checkout; otherwise a stand-in
      that follows the documented behaviour is used and the manifest says so ("config_source"),
-  6. write tests/data/golden/<dtype>_<layout>.json: tensor dtypes/shapes (in file order), file names and modes,
+  6. run the example's AntiOutlier (m2, then m4) before the Calibrator on a fresh load and save the MindIE
+     layout as "mindie_m2" / "mindie_m4" (the tensor set must not change with the method),
+  7. write tests/data/golden/<dtype>_<layout>.json: tensor dtypes/shapes (in file order), file names and modes,
      the description json, config.json and the part index.
 
     PYTHONPATH=<torchvision stub> python scripts/golden/make_golden.py [--out tests/data/golden] [--ref_example DIR]
@@ -42,6 +44,7 @@ LAYOUTS = [  # name, save_type, part_file_size, mindie_format
     ("default", "ascendV1", None, False),
     ("default_parts", "ascendV1", 1, False),
 ]
+ANTI_METHODS = ("m2", "m4")  # each also gets <dtype>_mindie_<method>.json: AntiOutlier, then the Calibrator
 PROMPT = "Please describe this picture in detail."
 
 
@@ -197,6 +200,7 @@ def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers,
               anti_method_label: str, timings: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
+    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
     from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
 
     t0 = time.time()
@@ -252,6 +256,45 @@ def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers,
             raise SystemExit(f"{dtype}: tensors of layout {layout} differ from mindie")
     log(f"{dtype}: tensor bytes identical across {', '.join(saved)}")
     del calibrator, model
+
+    # the example's full flow with outlier suppression: AntiOutlier (as quant_qwen2vl.py calls it), then the
+    # Calibrator, saved in the MindIE layout; the tensor set must not change with the method
+    for method in ANTI_METHODS:
+        t0 = time.time()
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            model_dir, device_map="cpu", trust_remote_code=False, torch_dtype="auto", local_files_only=True).eval()
+        anti = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method=method, dev_type="cpu", dev_id=model.device.index)
+        AntiOutlier(model, calib_data=data, cfg=anti).process()
+        calibrator = Calibrator(model, QuantConfig(w_bit=8, a_bit=8, disable_names=disable_names(config),
+                                                   dev_type="cpu", dev_id=model.device.index, act_method=2,
+                                                   mm_tensor=False), calib_data=data, disable_level="L0")
+        calibrator.run()
+        layout = f"mindie_{method}"
+        out_dir = os.path.join(work, f"out_{dtype}_{layout}")
+        calibrator.save(out_dir, save_type=["safe_tensor"], part_file_size=None)
+        args = SimpleNamespace(model_path=model_dir, save_directory=out_dir, part_file_size=None, w_bit=8, a_bit=8,
+                               device_type="cpu", trust_remote_code=False, anti_method=method, mindie_format=True)
+        helpers.apply(model_dir, out_dir, args)
+        got = tensor_bytes(out_dir)
+        with open(os.path.join(out_dir, "quant_model_description_w8a8.json"), encoding="utf-8") as f:
+            kinds = json.load(f)
+        changed = sorted(k for k in got if kinds.get(k) == "FLOAT" and got[k] != saved["mindie"][k])
+        meta = {"msmodelslim": _version("msmodelslim"), "transformers": _version("transformers"),
+                "torch": _version("torch"), "safetensors": _version("safetensors"), "save_type": "safe_tensor",
+                "part_file_size": None, "anti_outlier": {"anti_method": method, "w_bit": 8, "a_bit": 8,
+                                                         "dev_type": "cpu"},
+                "float_tensors_changed_by_anti_outlier": len(changed),
+                "calib_images": [os.path.basename(p) for p in images],
+                "config_source": helpers.source, "config_anti_method_arg": method,
+                "umask": oct(_umask())[2:].zfill(4)}
+        m = manifest(out_dir, dtype, layout, meta)
+        path = os.path.join(out_root, f"{dtype}_{layout}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(m, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+        timings[f"{dtype}_{layout}"] = round(time.time() - t0, 1)
+        log(f"{path}: {m['num_tensors']} tensors {m['dtype_counts']}, {len(changed)} float tensors smoothed")
+        del calibrator, model
 
 
 def _version(dist: str) -> str:
