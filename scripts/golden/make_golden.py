@@ -196,11 +196,36 @@ def tensor_bytes(out_dir: str) -> dict[str, bytes]:
     return res
 
 
+def write_manifest(out_dir: str, out_root: str, dtype: str, layout: str, meta: dict) -> tuple[dict, str]:
+    m = manifest(out_dir, dtype, layout, meta)
+    path = os.path.join(out_root, f"{dtype}_{layout}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(m, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    return m, path
+
+
+def example_flow(model, config, data: list, anti_method: str):
+    """msModelSlim's Qwen2-VL example after loading: AntiOutlier (unless none), then the Calibrator with the
+    example's QuantConfig and disable names, run. Returns the calibrator, ready to save."""
+    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
+    from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
+
+    if anti_method != "none":
+        anti = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method=anti_method, dev_type="cpu",
+                                 dev_id=model.device.index)
+        AntiOutlier(model, calib_data=data, cfg=anti).process()
+    calibrator = Calibrator(model, QuantConfig(w_bit=8, a_bit=8, disable_names=disable_names(config),
+                                               dev_type="cpu", dev_id=model.device.index, act_method=2,
+                                               mm_tensor=False), calib_data=data, disable_level="L0")
+    calibrator.run()
+    return calibrator
+
+
 def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers, out_root: str,
               anti_method_label: str, timings: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
-    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
     from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
 
     t0 = time.time()
@@ -241,11 +266,7 @@ def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers,
                 "calib_images": [os.path.basename(p) for p in images],
                 "config_source": helpers.source, "config_anti_method_arg": anti_method_label,
                 "umask": oct(_umask())[2:].zfill(4)}
-        m = manifest(out_dir, dtype, layout, meta)
-        path = os.path.join(out_root, f"{dtype}_{layout}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(m, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        m, path = write_manifest(out_dir, out_root, dtype, layout, meta)
         saved[layout] = tensor_bytes(out_dir)
         timings[f"{dtype}_save_{layout}"] = round(time.time() - t0, 1)
         log(f"{path}: {m['num_tensors']} tensors {m['dtype_counts']}, {os.path.getsize(path)} bytes")
@@ -263,12 +284,7 @@ def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers,
         t0 = time.time()
         model = Qwen2VLForConditionalGeneration.from_pretrained(
             model_dir, device_map="cpu", trust_remote_code=False, torch_dtype="auto", local_files_only=True).eval()
-        anti = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method=method, dev_type="cpu", dev_id=model.device.index)
-        AntiOutlier(model, calib_data=data, cfg=anti).process()
-        calibrator = Calibrator(model, QuantConfig(w_bit=8, a_bit=8, disable_names=disable_names(config),
-                                                   dev_type="cpu", dev_id=model.device.index, act_method=2,
-                                                   mm_tensor=False), calib_data=data, disable_level="L0")
-        calibrator.run()
+        calibrator = example_flow(model, config, data, method)
         layout = f"mindie_{method}"
         out_dir = os.path.join(work, f"out_{dtype}_{layout}")
         calibrator.save(out_dir, save_type=["safe_tensor"], part_file_size=None)
@@ -287,11 +303,7 @@ def run_dtype(dtype: str, work: str, images: list[str], helpers: ExampleHelpers,
                 "calib_images": [os.path.basename(p) for p in images],
                 "config_source": helpers.source, "config_anti_method_arg": method,
                 "umask": oct(_umask())[2:].zfill(4)}
-        m = manifest(out_dir, dtype, layout, meta)
-        path = os.path.join(out_root, f"{dtype}_{layout}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(m, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        m, path = write_manifest(out_dir, out_root, dtype, layout, meta)
         timings[f"{dtype}_{layout}"] = round(time.time() - t0, 1)
         log(f"{path}: {m['num_tensors']} tensors {m['dtype_counts']}, {len(changed)} float tensors smoothed")
         del calibrator, model

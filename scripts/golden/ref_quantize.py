@@ -33,8 +33,6 @@ def main() -> int:
     p.add_argument("--anti_method", default="m2", choices=["m2", "m4", "none"])
     a = p.parse_args()
 
-    from msmodelslim.pytorch.llm_ptq.anti_outlier import AntiOutlier, AntiOutlierConfig
-    from msmodelslim.pytorch.llm_ptq.llm_ptq_tools import Calibrator, QuantConfig
     from transformers import AutoConfig, AutoProcessor, Qwen2VLForConditionalGeneration
 
     t0 = time.time()
@@ -44,14 +42,7 @@ def main() -> int:
     config = AutoConfig.from_pretrained(a.model, trust_remote_code=False, local_files_only=True)
     processor = AutoProcessor.from_pretrained(a.model, local_files_only=True)
     data = make_golden.calib_data(processor, images)
-    if a.anti_method != "none":
-        anti = AntiOutlierConfig(w_bit=8, a_bit=8, anti_method=a.anti_method, dev_type="cpu",
-                                 dev_id=model.device.index)
-        AntiOutlier(model, calib_data=data, cfg=anti).process()
-    calibrator = Calibrator(model, QuantConfig(w_bit=8, a_bit=8, disable_names=make_golden.disable_names(config),
-                                               dev_type="cpu", dev_id=model.device.index, act_method=2,
-                                               mm_tensor=False), calib_data=data, disable_level="L0")
-    calibrator.run()
+    calibrator = make_golden.example_flow(model, config, data, a.anti_method)
     calibrator.save(a.out, save_type=["safe_tensor"], part_file_size=None)
     args = SimpleNamespace(model_path=a.model, save_directory=a.out, part_file_size=None, w_bit=8, a_bit=8,
                            device_type="cpu", trust_remote_code=False, anti_method=a.anti_method, mindie_format=True)
