@@ -87,8 +87,11 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
         win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
         mods = [layer.get_submodule(n) for n in g.linears]
         row0, rows, tie = qwen2vl.v_layout(kind, arch) if g.v_rows else (0, 0, None)
+        xs = [x for *_, x in windows]
+        if g.output != "attention":  # token-wise outputs: one matrix of every window's tokens
+            xs = [torch.cat(xs)]
         problem = smooth.Problem(
-            x=[x for *_, x in windows], ch_min=obs.ch_min, ch_max=obs.ch_max,
+            x=xs, ch_min=obs.ch_min, ch_max=obs.ch_max,
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
             output=qwen2vl.group_output(kind, layer, g, win_calls), tie=tie)

@@ -115,7 +115,7 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
     ws = [fake_quant_weight(w * s) for w in p.weights]
     got = p.output(xs, ws, p.biases)
-    err = sum(float((g - t).double().pow(2).sum()) for g, t in zip(got, want))
+    err = sum(float(torch.sub(g, t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
     return err / max(1, p.tokens)
 
 

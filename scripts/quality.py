@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quality of none / m2 / m4 on the tiny outlier model, ours and (when available) msModelSlim's, in one table.
 
-    scripts/quality.sh [--out DIR] [--no_reference] [--calib30]
+    scripts/quality.sh [--out DIR] [--no_reference] [--calib30] [--model_args "MAKE_TINY FLAGS"]
 
 1. builds the tiny Qwen2-VL (scripts/make_tiny_qwen2vl.py: random weights with injected outlier channels),
 2. quantizes it with qwenvl-dq for --anti_method none, m2 and m4 on calibImages/ (MindIE layout),
@@ -96,12 +96,14 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "out", "quality"))
     p.add_argument("--no_reference", action="store_true", help="leave out msModelSlim's rows")
     p.add_argument("--calib30", action="store_true", help="also time calibration on 30 images")
+    p.add_argument("--model_args", default="", help="extra make_tiny_qwen2vl.py flags for a larger model, e.g. "
+                   "'--hidden_size 512 --intermediate_size 1408 --num_hidden_layers 4'")
     a = p.parse_args()
     out = os.path.abspath(a.out)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
 
-    model = make_tiny_qwen2vl.build(os.path.join(out, "tiny-qwen2vl"))
+    model = make_tiny_qwen2vl.build(os.path.join(out, "tiny-qwen2vl"), a.model_args.split())
     runs, notes = [], []
     for method in ("none", "m2", "m4"):
         d = os.path.join(out, f"qwenvl-dq_{method}")
@@ -117,7 +119,8 @@ def main() -> int:
     report = evaluate.evaluate(model, runs, HELDOUT)
     evaluate.write_report(report, os.path.join(out, "report.json"))
     evaluate.plot(report, os.path.join(out, "report.png"))
-    print(f"tiny outlier Qwen2-VL, calibrated on calibImages/ (4), evaluated on tests/data/heldout "
+    print(f"tiny outlier Qwen2-VL {a.model_args or '(default sizes)'}, calibrated on calibImages/ (4), "
+          f"evaluated on tests/data/heldout "
           f"({len(report['samples'])} images, {report['tokens']} tokens)")
     print(evaluate.table(report))
     print("\n".join(notes))

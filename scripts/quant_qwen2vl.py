@@ -4,7 +4,7 @@
 Run it from scripts/ (as the reference is run from its folder) and the default --calib_images ../calibImages
 is the repository's bundled calibImages/.
 
-    python quant_qwen2vl.py --model_path M --save_directory OUT --device_type cpu --anti_method none --mindie_format
+    python quant_qwen2vl.py --model_path M --save_directory OUT --device_type cpu --anti_method m2 --mindie_format
 """
 
 import os
