@@ -65,3 +65,21 @@ def test_histogram_range_keeps_everything_for_uniform_data():
     obs.update(torch.linspace(-2, 5, 10000)[:, None])
     lo, hi = histogram_range(obs.hist, obs.lo, obs.hi)
     assert lo <= -1.9 and hi >= 4.9
+
+
+def test_reservoir_windows_depend_only_on_sample_index_and_length():
+    from qwenvl_dq.observers import MIN_WINDOW, Reservoir
+
+    xs = {k: torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 1000 * k for k, n in enumerate([50, 300, 900])}
+    a, b = Reservoir(3, budget=600), Reservoir(3, budget=600)
+    for k in (0, 1, 2):
+        a.add(k, xs[k])
+    for k in (2, 0, 1):
+        b.add(k, xs[k][None])  # arrival order and a batch axis change nothing
+    assert [(k, s, e) for k, s, e, _ in a.items()] == [(k, s, e) for k, s, e, _ in b.items()]
+    for (k, s, e, w), (_, _, _, w2) in zip(a.items(), b.items()):
+        assert torch.equal(w, w2) and torch.equal(w, xs[k][s:e])
+    (k0, s0, e0, _), (_, s1, e1, _), (_, s2, e2, _) = a.items()
+    assert (s0, e0) == (0, 50)  # a short sample is kept whole
+    assert e1 - s1 == 200 and e2 - s2 == 200  # budget 600 over 3 samples
+    assert Reservoir(1000, budget=600).per_sample == MIN_WINDOW  # windows keep enough context for attention
