@@ -183,13 +183,9 @@ def calibrate(model: nn.Module, ckpt: Checkpoint, arch: qwen2vl.Arch, samples: l
     # token embeddings with the image embeddings scattered in, mrope positions, then the decoder layers
     hiddens, calls = [], []
     for s, img in zip(samples, image_embeds):
-        ids = s.input_ids
-        h = ckpt.rows("model.embed_tokens.weight", ids[0])[None].to(device)
-        mask = (ids == arch.image_token_id).to(device)
-        h[mask] = img.to(h.dtype)
-        pos = qwen2vl.rope_index(model, ids, s.image_grid_thw, arch.image_token_id).to(device)
+        h = qwen2vl.decoder_input(ckpt.rows, s.input_ids, img, arch.image_token_id, device)
         hiddens.append(h)
-        calls.append(qwen2vl.decoder_call(model, h, pos))
+        calls.append(qwen2vl.decoder_call(model, h, s.input_ids, s.image_grid_thw, arch.image_token_id))
     results.update(run_layers(read, qwen2vl.decoder_layers(model), "decoder", qwen2vl.DECODER_GROUPS, hiddens, calls,
                               qwen2vl.run_decoder_layer, act_method, anti_method, arch, on_layer))
     return results

@@ -148,13 +148,10 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
     for side in everyone:
         images_embeds, side.hiddens = side.hiddens, []
         for s, img in zip(samples, images_embeds):
-            ids = s.input_ids
-            h = side.ckpt.rows("model.embed_tokens.weight", ids[0])[None].to(device)
-            h[(ids == arch.image_token_id).to(device)] = img.to(h.dtype)
+            h = qwen2vl.decoder_input(side.ckpt.rows, s.input_ids, img, arch.image_token_id, device)
             side.hiddens.append(h)
             if side is ref:
-                pos = qwen2vl.rope_index(model, ids, s.image_grid_thw, arch.image_token_id).to(device)
-                calls.append(qwen2vl.decoder_call(model, h, pos))
+                calls.append(qwen2vl.decoder_call(model, h, s.input_ids, s.image_grid_thw, arch.image_token_id))
     for i, layer in enumerate(qwen2vl.decoder_layers(model)):
         prefix = qwen2vl.DECODER_LAYER.format(i=i)
         for side in everyone:

@@ -317,9 +317,21 @@ def rope_index(model: nn.Module, input_ids: torch.Tensor, grid_thw: torch.Tensor
     return model.get_rope_index(input_ids, grid_thw, None, torch.ones_like(input_ids))[0]
 
 
-def decoder_call(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+def decoder_input(rows, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int,
+                  device: torch.device) -> torch.Tensor:
+    """The first decoder layer's input for one sample, [1, L, hidden]: the token embeddings (rows(name, ids) reads
+    embedding rows) with the image embeddings scattered in at the image tokens."""
+    h = rows("model.embed_tokens.weight", input_ids[0])[None].to(device)
+    h[(input_ids == image_token_id).to(device)] = image_embeds.to(h.dtype)
+    return h
+
+
+def decoder_call(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, grid_thw: torch.Tensor,
+                 image_token_id: int):
     """Keyword arguments for every decoder layer for one sample: causal attention (mask None -> sdpa is_causal,
-    exact for one unpadded sequence) and the mrope rotary embedding computed by the model's own rotary module."""
+    exact for one unpadded sequence) and the rotary embedding of the sample's 3-D mrope positions, computed by
+    the model's own rotary module."""
+    position_ids = rope_index(model, input_ids, grid_thw, image_token_id).to(hidden.device)
     cos_sin = text_model(model).rotary_emb(hidden, position_ids)
     kwargs = {"attention_mask": None, "position_embeddings": cos_sin}
     if not TF5:
