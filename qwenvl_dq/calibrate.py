@@ -123,9 +123,8 @@ def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tens
         f = smooth.module_factors(factors, prefix + name)
         if not f:
             continue
-        params = {k: p for k, p in mod.named_parameters(recurse=False)}
-        for k, v in smooth.fold(params, f).items():
-            setattr(mod, k, nn.Parameter(v.to(params[k].dtype), requires_grad=False))
+        for k, v in smooth.fold(dict(mod.named_parameters(recurse=False)), f).items():
+            setattr(mod, k, nn.Parameter(v, requires_grad=False))
 
 
 def run_layers(read: Callable, layers, kind: str, groups, hiddens: list[torch.Tensor], calls: list,

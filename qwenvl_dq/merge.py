@@ -88,10 +88,7 @@ def module_params(ckpt: Checkpoint, prefix: str, results: dict[str, torch.Tensor
     """{"weight", ["bias"]} of the module at `prefix`, with its smoothing factors folded in (rounded to the source
     dtype, exactly as calibration ran them)."""
     raw = {leaf: ckpt.get(f"{prefix}.{leaf}") for leaf in ("weight", "bias") if f"{prefix}.{leaf}" in ckpt}
-    factors = smooth.module_factors(results, prefix)
-    if not factors:
-        return raw
-    return {k: v.to(raw[k].dtype) for k, v in smooth.fold(raw, factors).items()}
+    return smooth.fold(raw, smooth.module_factors(results, prefix))
 
 
 def produce(ckpt: Checkpoint, specs: list[TensorSpec], results: dict[str, torch.Tensor],

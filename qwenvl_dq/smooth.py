@@ -221,13 +221,15 @@ def fold_linear(weight: torch.Tensor, bias: torch.Tensor | None, factors: dict[s
 
 
 def fold(params: dict[str, torch.Tensor], factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{"weight", ["bias"]} of one module -> the same names, smoothed, in float32. factors: this module's
-    {key: tensor} (keys from KEYS, without the module prefix)."""
+    """{"weight", ["bias"]} of one module -> the same names, smoothed: computed in float32 and rounded once to each
+    tensor's own dtype (the one rule calibration runs with and the merge saves). factors: this module's
+    {key: tensor} (keys from KEYS, without the module prefix); none leaves the tensors as they are."""
     if not factors:
-        return {k: v.float() for k, v in params.items()}
+        return dict(params)
     norm = NORM_SCALE in factors or NORM_SHIFT in factors
     w, b = (fold_norm if norm else fold_linear)(params["weight"], params.get("bias"), factors)
-    return {"weight": w} if b is None else {"weight": w, "bias": b}
+    out = {"weight": w} if b is None else {"weight": w, "bias": b}
+    return {k: v.to(params[k].dtype) for k, v in out.items()}
 
 
 def module_factors(results: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
