@@ -84,12 +84,13 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
     for g in qwen2vl.smooth_groups(kind, method):
         key = tuple(prefix + n for n in g.linears)
         obs, windows = observers[key], reservoirs[key].items()
-        win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
         mods = [layer.get_submodule(n) for n in g.linears]
         row0, rows, tie = qwen2vl.v_layout(kind, arch) if g.v_rows else (0, 0, None)
         xs = [x for *_, x in windows]
-        if g.output != "attention":  # token-wise outputs: one matrix of every window's tokens
-            xs = [torch.cat(xs)]
+        if g.output == "attention":  # attention runs window by window, each with its own rotary tables
+            win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
+        else:  # token-wise outputs: one matrix of every window's tokens
+            xs, win_calls = [torch.cat(xs)], []
         problem = smooth.Problem(
             x=xs, ch_min=obs.ch_min, ch_max=obs.ch_max,
             weights=[m.weight.float() for m in mods],

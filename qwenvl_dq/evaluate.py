@@ -133,12 +133,8 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
             side.hiddens.append(h)
             if side is ref:
                 calls.append(call)
-    for i, block in enumerate(qwen2vl.vision_blocks(model)):
-        prefix = qwen2vl.VISION_BLOCK.format(i=i)
-        for side in everyone:
-            side.run(block, prefix, lambda m, h, k: qwen2vl.run_vision_block(m, h, calls[k]))
-        for side in sides:
-            side.sqnr["vision"].append(sqnr_db(ref.hiddens, side.hiddens))
+    run_stack(ref, sides, qwen2vl.vision_blocks(model), qwen2vl.VISION_BLOCK, "vision",
+              lambda m, h, k: qwen2vl.run_vision_block(m, h, calls[k]))
     merger = qwen2vl.named_module(model, "visual.merger.")
     for side in everyone:
         side.run(merger, "visual.merger.", lambda m, h, k: m(h))
@@ -152,14 +148,10 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
             side.hiddens.append(h)
             if side is ref:
                 calls.append(qwen2vl.decoder_call(model, h, s.input_ids, s.image_grid_thw, arch.image_token_id))
-    for i, layer in enumerate(qwen2vl.decoder_layers(model)):
-        prefix = qwen2vl.DECODER_LAYER.format(i=i)
-        for side in everyone:
-            side.run(layer, prefix, lambda m, h, k: qwen2vl.run_decoder_layer(m, h, calls[k]))
-        for side in sides:
-            side.sqnr["llm"].append(sqnr_db(ref.hiddens, side.hiddens))
+    run_stack(ref, sides, qwen2vl.decoder_layers(model), qwen2vl.DECODER_LAYER, "llm",
+              lambda m, h, k: qwen2vl.run_decoder_layer(m, h, calls[k]))
 
-    logits = {side.label: [side_logits(side, s, arch, model) for s in side.hiddens] for side in everyone}
+    logits = {side.label: side_logits(side, model) for side in everyone}
     report = {
         "model_path": os.path.abspath(model_path),
         "images": os.path.abspath(images),
@@ -182,16 +174,28 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
     return report
 
 
-def side_logits(side: Side, hidden: torch.Tensor, arch: qwen2vl.Arch, model: nn.Module) -> torch.Tensor:
-    """Final norm and lm_head (the embedding when tied) of one sample: float32 [tokens, vocab]."""
+def run_stack(ref: Side, sides: list[Side], layers, prefix_fmt: str, part: str, step) -> None:
+    """Every side through every layer of one stack, layer by layer; each quantized side's SQNR against the float
+    side after each layer goes to side.sqnr[part]."""
+    for i, layer in enumerate(layers):
+        prefix = prefix_fmt.format(i=i)
+        for side in (ref, *sides):
+            side.run(layer, prefix, step)
+        for side in sides:
+            side.sqnr[part].append(sqnr_db(ref.hiddens, side.hiddens))
+
+
+def side_logits(side: Side, model: nn.Module) -> list[torch.Tensor]:
+    """Final norm and lm_head (the embedding when tied) of every sample of a side: float32 [tokens, vocab] each.
+    The norm is loaded and the head read once per side."""
     norm = qwen2vl.named_module(model, "model.norm.")
     qwen2vl.materialize(norm, "model.norm.", side.read)
     try:
-        h = norm(hidden)[0]
+        hs = [norm(h)[0].float() for h in side.hiddens]
     finally:
         qwen2vl.release(norm)
-    head = "lm_head.weight" if "lm_head.weight" in side.ckpt else "model.embed_tokens.weight"
-    return (h.float() @ side.read(head).float().T)
+    head = side.read("lm_head.weight" if "lm_head.weight" in side.ckpt else "model.embed_tokens.weight").float()
+    return [h @ head.T for h in hs]
 
 
 def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
