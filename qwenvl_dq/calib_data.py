@@ -18,12 +18,12 @@ import os
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .config import DEFAULT_PROMPT
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-DEFAULT_PROMPT = "Please describe this picture in detail."
 IMAGE_PAD = "<|image_pad|>"
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from .config import ACT_METHODS, ANTI_METHODS, DEVICE_TYPES, OUTPUT_FORMATS, Config
+from .config import ACT_METHODS, ANTI_METHODS, DEFAULT_PROMPT, DEVICE_TYPES, LOG_LEVELS, OUTPUT_FORMATS, Config
 from .errors import UserError
 
 
@@ -60,10 +60,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                       help="write the MindIE-compatible description json and config.json")
     ours = p.add_argument_group("qwenvl-dq options")
     ours.add_argument("--calib_num", type=int, default=None, help="use only the first N images (sorted by name)")
-    ours.add_argument("--prompt", default="Please describe this picture in detail.",
-                      help="text that follows each image in the calibration prompt (default: %(default)r)")
-    ours.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
-    ours.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+    add_prompt_args(ours)
     ours.add_argument("--act_method", default="histogram", choices=list(ACT_METHODS),
                       help="static activation range: histogram (the reference's act_method=2) or minmax "
                            "(default: %(default)s)")
@@ -71,8 +68,28 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                       help="output layout (default: %(default)s)")
     ours.add_argument("--dry_run", action="store_true", help="print the plan and memory estimate, load nothing")
     ours.add_argument("--overwrite", action="store_true", help="replace a non-empty save_directory")
-    ours.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
-                      help="logging verbosity; debug also shows tracebacks (default: %(default)s)")
+    add_log_level(ours)
+
+
+def add_prompt_args(p) -> None:
+    """How each image becomes a model input (quantize and evaluate alike)."""
+    p.add_argument("--prompt", default=DEFAULT_PROMPT,
+                   help="text that follows each image in the prompt (default: %(default)r)")
+    p.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
+    p.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+
+
+def add_log_level(p) -> None:
+    p.add_argument("--log_level", default="info", choices=LOG_LEVELS,
+                   help="logging verbosity; debug also shows tracebacks (default: %(default)s)")
+
+
+def user_error(e: UserError, log_level: str) -> int:
+    """Print a user error as one line (with its traceback at debug level); the exit code for it."""
+    if log_level == "debug":
+        logging.exception("failed")
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -93,10 +110,7 @@ def run_quantize(a: argparse.Namespace) -> int:
     try:
         summary = job.quantize(cfg)
     except UserError as e:
-        if cfg.log_level == "debug":
-            logging.exception("failed")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, cfg.log_level)
     except KeyboardInterrupt:
         print("interrupted: nothing was completed; an output directory, if one was started, holds an INCOMPLETE "
               "file and no description json", file=sys.stderr)
@@ -120,17 +134,14 @@ def add_evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True,
                    help="held-out images (not the calibration ones) to evaluate on")
     p.add_argument("--num_images", type=int, default=None, help="use only the first N images (sorted by name)")
-    p.add_argument("--prompt", default="Please describe this picture in detail.",
-                   help="text that follows each image (default: %(default)r)")
-    p.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
-    p.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+    add_prompt_args(p)
     p.add_argument("--report", default="quality_report.json", help="JSON report path (default: %(default)s)")
     p.add_argument("--plot", default=None, help="PNG of SQNR by layer (default: the report path with .png)")
-    p.add_argument("--device_type", default="cpu", choices=["cpu", "cuda", "npu"],
+    p.add_argument("--device_type", default="cpu", choices=DEVICE_TYPES,
                    help="device to run both models on (default: %(default)s)")
     p.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
                    help="allow code from the model directory to run (default: %(default)s)")
-    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_level(p)
 
 
 def run_evaluate(a: argparse.Namespace) -> int:
@@ -149,10 +160,7 @@ def run_evaluate(a: argparse.Namespace) -> int:
                                    prompt=a.prompt, min_pixels=a.min_pixels, max_pixels=a.max_pixels,
                                    device=device, trust_remote_code=a.trust_remote_code)
     except UserError as e:
-        if a.log_level == "debug":
-            logging.exception("failed")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e, a.log_level)
     evaluate.write_report(report, a.report)
     png = a.plot or os.path.splitext(a.report)[0] + ".png"
     evaluate.plot(report, png)

@@ -11,6 +11,8 @@ ANTI_METHODS = ("m2", "m4", "none")
 DEVICE_TYPES = ("cpu", "npu", "cuda")
 ACT_METHODS = {"minmax": 1, "histogram": 2}
 OUTPUT_FORMATS = ("mindie",)
+DEFAULT_PROMPT = "Please describe this picture in detail."  # the reference's calibration prompt
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +30,7 @@ class Config:
     mindie_format: bool = False
     # ours
     calib_num: int | None = None
-    prompt: str = "Please describe this picture in detail."
+    prompt: str = DEFAULT_PROMPT
     min_pixels: int | None = None
     max_pixels: int | None = None
     act_method: str = "histogram"

@@ -25,6 +25,7 @@ from torch import nn
 
 from . import calib_data, int8, qwen2vl
 from .checkpoint import Checkpoint
+from .config import DEFAULT_PROMPT
 from .errors import UserError
 from .job import INCOMPLETE, model_dtype
 
@@ -108,7 +109,7 @@ def check_output_dir(path: str) -> None:
 
 @torch.inference_mode()
 def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, limit: int | None = None,
-             prompt: str = calib_data.DEFAULT_PROMPT, min_pixels: int | None = None, max_pixels: int | None = None,
+             prompt: str = DEFAULT_PROMPT, min_pixels: int | None = None, max_pixels: int | None = None,
              device: torch.device = torch.device("cpu"), trust_remote_code: bool = False) -> dict:
     """Run the float model and every (label, directory) in `quantized` on the images; returns the report."""
     src_cfg = qwen2vl.read_config(model_path)
