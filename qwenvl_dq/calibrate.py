@@ -1,12 +1,18 @@
-"""The calibration loop: every sample through one layer at a time, observers on the W8A8 linears' inputs.
+"""The calibration loop of one rank: samples through its layers with observers on the W8A8 linears' inputs.
 
-Layer-major: load a vision block (then a decoder layer), run every sample's hidden states through it with forward
-pre-hooks recording each observer group's input, solve the group's static activation qparams, free the layer,
-go on. Only one layer's weights and every sample's hidden states at one depth are alive at once.
+Each rank runs a stage: rank 0 the vision tower, the merger and the decoder input (token embeddings with the image
+embeddings scattered in, and the 3-D mrope positions), then its slice of decoder layers; rank r > 0 receives each
+sample's hidden states and positions from rank r - 1, runs its slice and sends them on (plan.py decides the
+slices). A sweep takes every sample through every stage once. Without smoothing one sweep observes the
+activation ranges. With --anti_method m2/m4 there are two: sweep 1 runs the float model and records per-channel
+statistics and token reservoirs; each rank then solves its own layers' factors (smooth.py) and folds them into
+its live layers; sweep 2 runs the smoothed model and observes the ranges the static activation qparams come from.
+So every layer's statistics come from the same inputs whatever the number of ranks.
 
-With --anti_method m2/m4 each layer is run twice: the first pass records per-channel statistics and token
-reservoirs, the smoothing factors are solved (smooth.py) and folded into the live layer, and the second pass
-observes the smoothed layer, whose outputs go on.
+A rank runs its stage in one of two orders with the same numbers: resident (its whole slice loaded, samples
+streamed through one at a time, so rank r works on sample k while rank r + 1 works on sample k - 1), or
+layer-major (one layer loaded at a time, every sample's hidden states kept at one depth, both sweeps of a layer
+done before the next is loaded) when its slice does not fit, or when it is the only rank.
 
 Results are name-keyed tensors for the merge: {"<linear>.input_scale": [1], "<linear>.input_offset": [1]} and the
 smoothing factors {"<module>.smooth_*": [channels]}.
@@ -15,6 +21,7 @@ smoothing factors {"<module>.smooth_*": [channels]}.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from typing import Callable
 
 import torch
@@ -23,6 +30,7 @@ from torch import nn
 from . import qwen2vl
 from .calib_data import Sample
 from .checkpoint import Checkpoint
+from .dist import Dist
 from . import smooth
 from .observers import ActObserver, Reservoir
 
@@ -128,64 +136,214 @@ def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tens
             setattr(mod, k, nn.Parameter(v, requires_grad=False))
 
 
-def run_layers(read: Callable, layers, kind: str, groups, hiddens: list[torch.Tensor], calls: list,
-               run: Callable, act_method: str, anti_method: str = "none", arch: qwen2vl.Arch | None = None,
-               on_layer=None) -> dict[str, torch.Tensor]:
-    """Every sample through every layer of `layers` (kind 'vision' or 'decoder'), layer by layer: with smoothing,
-    a first pass records statistics and token reservoirs, the factors are solved and folded into the layer, and a
-    second pass observes the smoothed layer's inputs; the activation qparams come from the last pass, whose
-    outputs go on to the next layer (hiddens is updated in place)."""
-    prefix_fmt = qwen2vl.VISION_BLOCK if kind == "vision" else qwen2vl.DECODER_LAYER
-    smoothing = qwen2vl.smooth_groups(kind, anti_method) if anti_method != "none" else []
+
+
+@dataclasses.dataclass
+class Layer:
+    """One vision block or decoder layer of a rank's stage and its observers through the sweeps."""
+
+    kind: str  # "vision" or "decoder"
+    prefix: str  # checkpoint prefix, "visual.blocks.3." or "model.layers.7."
+    module: nn.Module
+    sweeps: int
+    act_method: str
+    anti_method: str
+    arch: qwen2vl.Arch
+    observers: dict = dataclasses.field(default_factory=dict)
+    reservoirs: dict | None = None
+    hooks: list = dataclasses.field(default_factory=list)
+
+    @property
+    def groups(self):
+        return qwen2vl.VISION_GROUPS if self.kind == "vision" else qwen2vl.DECODER_GROUPS
+
+    @property
+    def run(self) -> Callable:
+        return qwen2vl.run_vision_block if self.kind == "vision" else qwen2vl.run_decoder_layer
+
+    def start(self, sweep: int, n_samples: int, state: dict) -> None:
+        """Attach this sweep's observers (and, in the statistics sweep before smoothing, the token reservoirs)."""
+        self.reservoirs = None
+        if sweep == 0 and self.sweeps == 2:
+            self.reservoirs = {tuple(self.prefix + n for n in g.linears): Reservoir(n_samples)
+                               for g in qwen2vl.smooth_groups(self.kind, self.anti_method)}
+        self.observers, self.hooks = observe(self.module, self.prefix, self.groups, state, self.reservoirs)
+
+    def finish(self, sweep: int, calls: list) -> dict[str, torch.Tensor]:
+        """Detach; after the statistics sweep solve and fold the smoothing factors, after the last solve the
+        activation qparams. Returns this sweep's results."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        out = {}
+        if sweep == 0 and self.sweeps == 2:
+            out = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch, self.observers,
+                                  self.reservoirs, calls)
+            apply_smoothing(self.module, self.prefix, out)
+        if sweep == self.sweeps - 1:
+            out.update(solve(self.observers, self.act_method))
+        self.observers, self.reservoirs = {}, None
+        return out
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one rank runs, and how."""
+
+    d: Dist
+    model: nn.Module
+    ckpt: Checkpoint
+    arch: qwen2vl.Arch
+    layers: tuple[int, int]  # [start, stop) of decoder layers
+    resident: bool
+    act_method: str
+    anti_method: str = "none"
+    on_layer: Callable | None = None
+    on_sample: Callable | None = None
+
+    @property
+    def sweeps(self) -> int:
+        return 1 if self.anti_method == "none" else 2
+
+    def read(self, name: str) -> torch.Tensor:
+        return self.ckpt.get(name).to(self.d.device)
+
+    def units(self) -> list[Layer]:
+        kw = dict(sweeps=self.sweeps, act_method=self.act_method, anti_method=self.anti_method, arch=self.arch)
+        out = []
+        if self.d.is_main:
+            out += [Layer("vision", qwen2vl.VISION_BLOCK.format(i=i), m, **kw)
+                    for i, m in enumerate(qwen2vl.vision_blocks(self.model))]
+        blocks = qwen2vl.decoder_layers(self.model)
+        out += [Layer("decoder", qwen2vl.DECODER_LAYER.format(i=i), blocks[i], **kw) for i in range(*self.layers)]
+        return out
+
+    def live(self, prefix: str) -> nn.Module:
+        return qwen2vl.materialize(qwen2vl.named_module(self.model, prefix), prefix, self.read)
+
+
+def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: torch.Tensor) -> torch.Tensor:
+    return qwen2vl.decoder_input(stage.ckpt.rows, sample.input_ids, merger(vision_out), stage.arch.image_token_id,
+                                 stage.d.device)
+
+
+def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
+    """The whole slice loaded; each sweep streams the samples through it one at a time (pipeline)."""
+    d, model = stage.d, stage.model
+    units = stage.units()
+    results: dict[str, torch.Tensor] = {}
+    vision = [u for u in units if u.kind == "vision"]
+    decoder = [u for u in units if u.kind == "decoder"]
+    for u in units:
+        qwen2vl.materialize(u.module, u.prefix, stage.read)
+    if d.is_main:
+        stage.live("visual.patch_embed.")
+        merger = stage.live("visual.merger.")
+    vcalls, dcalls, positions = [None] * n, [None] * n, [None] * n
+    state = {"k": 0}
+    try:
+        for sweep in range(stage.sweeps):
+            for u in units:
+                u.start(sweep, n, state)
+            for k in range(n):
+                state["k"] = k
+                if d.is_main:
+                    s = samples[k]
+                    h, vcalls[k] = qwen2vl.vision_prefix(model, s.pixel_values.to(d.device),
+                                                         s.image_grid_thw.to(d.device))
+                    for u in vision:
+                        h = u.run(u.module, h, vcalls[k])
+                    if positions[k] is None:
+                        positions[k] = qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw,
+                                                          stage.arch.image_token_id)
+                    h = _to_decoder(stage, merger, s, h)
+                else:
+                    h, positions[k] = d.recv(d.rank - 1, f"sample {k} of sweep {sweep + 1}")
+                if dcalls[k] is None:
+                    dcalls[k] = qwen2vl.decoder_call(model, h, positions[k])
+                for u in decoder:
+                    h = u.run(u.module, h, dcalls[k])
+                if not d.is_last:
+                    d.send([h, positions[k]], d.rank + 1, f"sample {k} of sweep {sweep + 1}")
+                if stage.on_sample:
+                    stage.on_sample(sweep, k, n)
+            for u in units:
+                results.update(u.finish(sweep, vcalls if u.kind == "vision" else dcalls))
+                if sweep == stage.sweeps - 1 and stage.on_layer:
+                    stage.on_layer(u.prefix)
+        d.wait_sends()
+    finally:
+        for u in units:
+            qwen2vl.release(u.module)
+        if d.is_main:
+            qwen2vl.release(qwen2vl.vision_tower(model).patch_embed)
+            qwen2vl.release(merger)
+    return results
+
+
+def _layer_major(stage: Stage, u: Layer, chains: list[list[torch.Tensor]], calls: list) -> dict[str, torch.Tensor]:
+    """Both sweeps of one layer over every sample: chain s holds sweep s's hidden states, replaced by the outputs."""
+    qwen2vl.materialize(u.module, u.prefix, stage.read)
     results = {}
-    for i, layer in enumerate(layers):
-        prefix = prefix_fmt.format(i=i)
-        qwen2vl.materialize(layer, prefix, read)
-        try:
-            if smoothing:
-                reservoirs = {tuple(prefix + n for n in g.linears): Reservoir(len(hiddens)) for g in smoothing}
-                observers = run_samples(layer, prefix, groups, hiddens, calls, run, reservoirs, propagate=False)
-                factors = solve_smoothing(kind, layer, prefix, anti_method, arch, observers, reservoirs, calls)
-                del reservoirs, observers
-                apply_smoothing(layer, prefix, factors)
-                results.update(factors)
-            observers = run_samples(layer, prefix, groups, hiddens, calls, run)
-        finally:
-            qwen2vl.release(layer)
-        results.update(solve(observers, act_method))
-        if on_layer:
-            on_layer(prefix)
+    state = {"k": 0}
+    try:
+        for sweep, hiddens in enumerate(chains):
+            u.start(sweep, len(hiddens), state)
+            for k in range(len(hiddens)):
+                state["k"] = k
+                hiddens[k] = u.run(u.module, hiddens[k], calls[k])
+            results.update(u.finish(sweep, calls))
+    finally:
+        qwen2vl.release(u.module)
+    if stage.on_layer:
+        stage.on_layer(u.prefix)
+    return results
+
+
+def run_layer_major(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
+    """One layer loaded at a time, every sample's hidden states (one chain per sweep) kept at one depth."""
+    d, model = stage.d, stage.model
+    units = stage.units()
+    results: dict[str, torch.Tensor] = {}
+    if d.is_main:
+        stage.live("visual.patch_embed.")
+        hv, vcalls = [], []
+        for s in samples:
+            h, call = qwen2vl.vision_prefix(model, s.pixel_values.to(d.device), s.image_grid_thw.to(d.device))
+            hv.append(h)
+            vcalls.append(call)
+        qwen2vl.release(qwen2vl.vision_tower(model).patch_embed)
+        chains = [list(hv) for _ in range(stage.sweeps)]
+        del hv
+        for u in units:
+            if u.kind == "vision":
+                results.update(_layer_major(stage, u, chains, vcalls))
+        positions = [qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw, stage.arch.image_token_id)
+                     for s in samples]
+        merger = stage.live("visual.merger.")
+        chains = [[_to_decoder(stage, merger, s, h) for s, h in zip(samples, hs)] for hs in chains]
+        qwen2vl.release(merger)
+    else:
+        chains = []
+        for sweep in range(stage.sweeps):
+            got = [d.recv(d.rank - 1, f"sample {k} of sweep {sweep + 1}") for k in range(n)]
+            chains.append([h for h, _ in got])
+            positions = [p for _, p in got]
+    calls = [qwen2vl.decoder_call(model, h, p) for h, p in zip(chains[0], positions)]
+    for u in units:
+        if u.kind == "decoder":
+            results.update(_layer_major(stage, u, chains, calls))
+    if not d.is_last:
+        for sweep, hiddens in enumerate(chains):
+            for k, h in enumerate(hiddens):
+                d.send([h, positions[k]], d.rank + 1, f"sample {k} of sweep {sweep + 1}")
+        d.wait_sends()
     return results
 
 
 @torch.inference_mode()
-def calibrate(model: nn.Module, ckpt: Checkpoint, arch: qwen2vl.Arch, samples: list[Sample], act_method: str,
-              anti_method: str = "none", device: torch.device = torch.device("cpu"),
-              on_layer=None) -> dict[str, torch.Tensor]:
-    """Activation qparams of every W8A8 linear of the model and the anti-outlier factors, from the samples."""
-    results = {}
-
-    def read(name: str) -> torch.Tensor:
-        return ckpt.get(name).to(device)
-
-    # vision tower, block by block
-    hiddens, calls = [], []
-    for s in samples:
-        h, call = qwen2vl.vision_prefix(model, s.pixel_values.to(device), s.image_grid_thw.to(device), read)
-        hiddens.append(h)
-        calls.append(call)
-    results.update(run_layers(read, qwen2vl.vision_blocks(model), "vision", qwen2vl.VISION_GROUPS, hiddens, calls,
-                              qwen2vl.run_vision_block, act_method, anti_method, arch, on_layer))
-    merger = qwen2vl.materialize(qwen2vl.named_module(model, "visual.merger."), "visual.merger.", read)
-    image_embeds = [merger(h) for h in hiddens]
-    qwen2vl.release(merger)
-
-    # token embeddings with the image embeddings scattered in, mrope positions, then the decoder layers
-    hiddens, calls = [], []
-    for s, img in zip(samples, image_embeds):
-        h = qwen2vl.decoder_input(ckpt.rows, s.input_ids, img, arch.image_token_id, device)
-        hiddens.append(h)
-        calls.append(qwen2vl.decoder_call(model, h, s.input_ids, s.image_grid_thw, arch.image_token_id))
-    results.update(run_layers(read, qwen2vl.decoder_layers(model), "decoder", qwen2vl.DECODER_GROUPS, hiddens, calls,
-                              qwen2vl.run_decoder_layer, act_method, anti_method, arch, on_layer))
-    return results
+def calibrate(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
+    """This rank's results: activation qparams of the W8A8 linears it holds and their anti-outlier factors.
+    samples: rank 0's calibration samples (None elsewhere); n: their number."""
+    run = run_resident if stage.resident else run_layer_major
+    return run(stage, samples, n)

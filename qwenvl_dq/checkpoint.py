@@ -99,6 +99,7 @@ class Checkpoint:
                                       stop - begin)
         self._fds: dict[str, int] = {}
         self.bytes_read = 0
+        self.opened: list[str] = []  # names of the tensors read so far (get or rows), in order, for accounting
 
     @staticmethod
     def _other_layout(model_path: str, index: str, single: str) -> tuple[str, str]:
@@ -161,11 +162,13 @@ class Checkpoint:
             raise UserError(f"{self.role}: tensor {name!r} is missing from {self.model_path}; "
                             "the checkpoint does not match its config.json")
         fname, dtype, shape, offset, length = self.entries[name]
+        self.opened.append(name)
         return self._read(fname, offset, length).view(dtype).reshape(shape)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of a 2-D tensor (an embedding table), reading only those rows. ids: [n] -> [n, cols]."""
         fname, dtype, shape, offset, _ = self.entries[name]
+        self.opened.append(name)
         row = shape[1] * torch.empty(0, dtype=dtype).element_size()
         uniq, inverse = torch.unique(ids, return_inverse=True)
         got = torch.stack([self._read(fname, offset + int(i) * row, row).view(dtype) for i in uniq])

@@ -14,7 +14,7 @@ import os
 import sys
 
 from .config import ACT_METHODS, ANTI_METHODS, DEFAULT_PROMPT, DEVICE_TYPES, LOG_LEVELS, OUTPUT_FORMATS, Config
-from .errors import UserError
+from .errors import RankLost, UserError
 
 
 def str2bool(v: str) -> bool:
@@ -66,7 +66,18 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                            "(default: %(default)s)")
     ours.add_argument("--output_format", default="mindie", choices=OUTPUT_FORMATS,
                       help="output layout (default: %(default)s)")
-    ours.add_argument("--dry_run", action="store_true", help="print the plan and memory estimate, load nothing")
+    ours.add_argument("--dry_run", action="store_true",
+                      help="print which rank holds which layers and each rank's estimated peak memory; "
+                           "reads config.json (and safetensors headers if present), loads no weights")
+    ours.add_argument("--ranks", type=int, default=None,
+                      help="with --dry_run: plan for N ranks (default: the launcher's WORLD_SIZE, else 1)")
+    ours.add_argument("--max_memory", type=float, default=None, metavar="GIB",
+                      help="memory per rank in GiB (2^30 bytes); a rank whose slice of layers does not fit loads "
+                           "one layer at a time instead (default: the card's free memory; on cpu the host's "
+                           "available memory divided by the ranks on the host)")
+    ours.add_argument("--dist_timeout", type=float, default=1800.0, metavar="SECONDS",
+                      help="how long a rank waits for another before the run stops with an error naming it "
+                           "(default: %(default)s)")
     ours.add_argument("--overwrite", action="store_true", help="replace a non-empty save_directory")
     add_log_level(ours)
 
@@ -97,7 +108,11 @@ def config_from_args(a: argparse.Namespace) -> Config:
 
 
 def setup_logging(level: str) -> None:
+    """Log lines carry the rank; progress (info) shows on rank 0 only, other ranks show warnings and errors
+    unless --log_level debug."""
     rank = os.environ.get("RANK", "0")
+    if rank != "0" and level == "info":
+        level = "warning"
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -111,11 +126,16 @@ def run_quantize(a: argparse.Namespace) -> int:
         summary = job.quantize(cfg)
     except UserError as e:
         return user_error(e, cfg.log_level)
+    except RankLost as e:
+        if cfg.log_level == "debug":
+            logging.exception("failed")
+        print(f"error: {e}; the output directory is left marked INCOMPLETE", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: nothing was completed; an output directory, if one was started, holds an INCOMPLETE "
               "file and no description json", file=sys.stderr)
         return 130
-    if summary is not None:
+    if summary is not None and summary.files:
         print(f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
               f"{summary.bytes_written / 2**20:.2f} MiB of weights "
               f"({summary.source_bytes / max(summary.bytes_written, 1):.2f}x smaller than the source)")

@@ -38,13 +38,21 @@ class Config:
     dry_run: bool = False
     overwrite: bool = False
     log_level: str = "info"
+    dist_timeout: float = 1800.0
+    max_memory: float | None = None  # GiB per rank
+    ranks: int | None = None  # --dry_run only: plan for this many ranks
 
     @property
     def part_bytes(self) -> int | None:
         return None if self.part_file_size is None else max(1, int(self.part_file_size * (1 << 30)))
 
-    def validate(self) -> "Config":
-        """Check everything that can be checked without loading weights; raise UserError naming the bad value."""
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else int(self.max_memory * (1 << 30))
+
+    def validate(self, main: bool = True) -> "Config":
+        """Check everything that can be checked without loading weights; raise UserError naming the bad value.
+        Ranks other than 0 (main=False) skip the output directory: only rank 0 writes, maybe on another host."""
         if self.w_bit != 8:
             raise UserError(f"w_bit: {self.w_bit} is not supported; Qwen2-VL W8A8 needs --w_bit 8")
         if self.a_bit != 8:
@@ -60,10 +68,19 @@ class Config:
             raise UserError(f"act_method: {self.act_method!r} is not one of {', '.join(ACT_METHODS)}")
         if self.calib_num is not None and self.calib_num < 1:
             raise UserError(f"calib_num: {self.calib_num} must be at least 1")
+        if not self.dist_timeout > 0:
+            raise UserError(f"dist_timeout: {self.dist_timeout} must be a positive number of seconds")
+        if self.max_memory is not None and not self.max_memory > 0:
+            raise UserError(f"max_memory: {self.max_memory} must be a positive number of GiB")
+        if self.ranks is not None and (self.ranks < 1 or not self.dry_run):
+            raise UserError(f"ranks: {self.ranks}: --ranks N (N >= 1) plans for N ranks and goes with --dry_run; "
+                            "a real run takes its ranks from the launcher (launcher/torchrun.sh)")
         if not os.path.isdir(self.model_path):
             raise UserError(f"model_path: {self.model_path} is not a directory; pass the float Qwen2-VL model folder")
         if not os.access(self.model_path, os.R_OK | os.X_OK):
             raise UserError(f"model_path: {self.model_path} is not readable; check its permissions")
+        if not main:
+            return self
         src = os.path.realpath(self.model_path)
         dst = os.path.realpath(self.save_directory)
         if dst == src or dst.startswith(src + os.sep):

@@ -7,3 +7,8 @@ class UserError(Exception):
     The message names the bad value and the fix, e.g.
     ``calib_images: /data/imgs holds no image files (looked for .jpg .jpeg .png .bmp .webp)``.
     """
+
+
+class RankLost(Exception):
+    """Another rank of a multi-rank run died, hung or failed; the message names it. The CLI prints it as one line
+    and exits non-zero; the output directory stays marked INCOMPLETE."""

@@ -148,7 +148,8 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
             h = qwen2vl.decoder_input(side.ckpt.rows, s.input_ids, img, arch.image_token_id, device)
             side.hiddens.append(h)
             if side is ref:
-                calls.append(qwen2vl.decoder_call(model, h, s.input_ids, s.image_grid_thw, arch.image_token_id))
+                pos = qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw, arch.image_token_id)
+                calls.append(qwen2vl.decoder_call(model, h, pos))
     run_stack(ref, sides, qwen2vl.decoder_layers(model), qwen2vl.DECODER_LAYER, "llm",
               lambda m, h, k: qwen2vl.run_decoder_layer(m, h, calls[k]))
 

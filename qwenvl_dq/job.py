@@ -33,12 +33,17 @@ class Summary:
     bytes_written: int
     source_bytes: int
     seconds: dict[str, float]
+    rank: int = 0
+    tensors_read: list[str] = dataclasses.field(default_factory=list)  # during calibration
+    bytes_read: int = 0  # in all
 
 
-def model_dtype(src_cfg: dict, ckpt: Checkpoint) -> torch.dtype:
-    """The model's float dtype: config's torch_dtype (or dtype), else the embedding's."""
+def model_dtype(src_cfg: dict, ckpt: Checkpoint | None) -> torch.dtype:
+    """The model's float dtype: config's torch_dtype (or dtype), else the embedding's (else bfloat16)."""
     name = src_cfg.get("torch_dtype") or src_cfg.get("dtype") or src_cfg.get("text_config", {}).get("torch_dtype")
-    return _DTYPES.get(name, ckpt.dtype("model.embed_tokens.weight"))
+    if name in _DTYPES or ckpt is None:
+        return _DTYPES.get(name, torch.bfloat16)
+    return ckpt.dtype("model.embed_tokens.weight")
 
 
 def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
@@ -105,38 +110,96 @@ def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dic
     return files, writer.bytes_written
 
 
+def _dry_run(cfg: Config, world: int) -> None:
+    src_cfg = qwen2vl.read_config(cfg.model_path)
+    arch = qwen2vl.Arch.from_dict(src_cfg)
+    ckpt = None
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(cfg.model_path)):
+        ckpt = Checkpoint(cfg.model_path)
+        check_checkpoint(ckpt, arch)
+    dtype = model_dtype(src_cfg, ckpt)
+    layout = plan.make_plan(arch, dtype, world, cfg.max_memory_bytes, images=cfg.calib_num or 30,
+                            anti_method=cfg.anti_method)
+    if dist.env_world()[0] == 0:
+        note = "" if ckpt else "\n(no weights in model_path: sizes from config.json)"
+        print(plan.report(layout, arch, dtype) + note)
+
+
 def quantize(cfg: Config) -> Summary | None:
-    """Run the whole job; returns None for --dry_run."""
+    """Run this rank's part of the job; returns None for --dry_run. Rank 0's summary describes the output."""
     t0 = time.perf_counter()
-    seconds = {}
     allocator.pin_mmap_threshold()
-    cfg.validate()
-    d = dist.setup(cfg.device_type)
+    rank, world, _ = dist.env_world()
+    cfg.validate(main=rank == 0)
+    if cfg.dry_run:
+        _dry_run(cfg, cfg.ranks or world)
+        return None
+    d = dist.setup(cfg.device_type, cfg.dist_timeout)
+    try:
+        return _quantize(cfg, d, t0)
+    except BaseException as e:
+        d.post_error(str(e) or type(e).__name__)
+        raise
+    finally:
+        d.close()
+
+
+def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
+    seconds = {}
     src_cfg = qwen2vl.read_config(cfg.model_path)
     arch = qwen2vl.Arch.from_dict(src_cfg)
     ckpt = Checkpoint(cfg.model_path)
     check_checkpoint(ckpt, arch)
     dtype = model_dtype(src_cfg, ckpt)
-    layout = plan.make_plan(ckpt, arch, d.world_size)
-    if cfg.dry_run:
-        print(plan.report(layout, arch, dtype))
-        return None
-    samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num, prompt=cfg.prompt,
-                                      min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                      trust_remote_code=cfg.trust_remote_code)
-    log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
+    budget = cfg.max_memory_bytes or dist.memory_budget(d.device)
+    layout = plan.make_plan(arch, dtype, d.world_size, budget, images=cfg.calib_num or 30,
+                            anti_method=cfg.anti_method)
+    mine = layout.ranks[d.rank]
+    if d.is_main and d.world_size > 1:
+        log.info("plan:\n%s", plan.report(layout, arch, dtype))
+    samples = None
+    if d.is_main:
+        try:
+            samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num,
+                                              prompt=cfg.prompt, min_pixels=cfg.min_pixels,
+                                              max_pixels=cfg.max_pixels, trust_remote_code=cfg.trust_remote_code)
+        except UserError as e:
+            d.broadcast_object(("error", str(e)), "the calibration images")
+            raise
+        d.broadcast_object(("samples", len(samples)), "the calibration images")
+        log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
+        prepare_output(cfg.save_directory)
+        n = len(samples)
+    else:
+        what, n = d.broadcast_object(None, "the calibration images")
+        if what == "error":
+            raise UserError(f"rank 0: {n}")
     seconds["plan"] = time.perf_counter() - t0
-    prepare_output(cfg.save_directory)
 
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
-    results = calibrate.calibrate(model, ckpt, arch, samples, cfg.act_method, cfg.anti_method, device=d.device,
-                                  on_layer=lambda p: log.debug("solved %s", p))
+    stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
+                            on_layer=lambda p: log.debug("solved %s", p), on_sample=_progress if d.is_main else None)
+    results = calibrate.calibrate(stage, samples, n)
+    read = list(ckpt.opened)
     seconds["calibrate"] = time.perf_counter() - t
+    if not d.is_main:
+        d.send_object(results, 0, "this rank's results")
+        return Summary(cfg.save_directory, [], 0, 0, seconds, d.rank, read, ckpt.bytes_read)
+    t = time.perf_counter()
+    for r in range(1, d.world_size):
+        results.update(d.recv_object(r, f"rank {r}'s results"))
+    seconds["gather"] = time.perf_counter() - t
+    log.info("calibration done in %.1f s: %d results from %d ranks; merging", seconds["calibrate"], len(results),
+             d.world_size)
 
     t = time.perf_counter()
     files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
     seconds["write"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
-    return Summary(cfg.save_directory, files, written, source_bytes, seconds)
+    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read)
+
+
+def _progress(sweep: int, k: int, n: int) -> None:
+    log.info("sweep %d: sample %d/%d through the pipeline", sweep + 1, k + 1, n)

@@ -1,75 +1,155 @@
 """Which rank holds which layers, and what each rank's memory will peak at; the --dry_run report.
 
-Units are the vision blocks (with the patch embedding and merger) and the decoder layers, each with its byte size
-from the safetensors headers. Rank 0 holds the vision tower and the embedding rows it reads; decoder layers are
-split into contiguous slices. Memory is estimated per rank: one layer's weights at a time (the loop is
-layer-major), the float32 working copy of the largest W8A8 weight during the merge, and the hidden states of
-the calibration samples at one depth.
+Sizes come from config.json alone (the checkpoint table in the adapter times the dtype's width), so a plan can be
+printed for any config, weights or not, and every rank computes the same one. Rank 0 holds the vision tower (blocks,
+patch embedding, merger) and reads the embedding rows it needs; the decoder layers are split into contiguous
+slices, one per rank, each rank at least one layer, so that the largest load (rank 0's counting the vision tower)
+is as small as it can be.
+
+A rank holds its whole slice (resident) when it fits its memory budget and there is another rank to overlap with:
+samples then stream through the ranks one at a time (pipeline). Otherwise it streams its layers one at a time
+(layer-major), which needs every sample's hidden states at one depth instead. Both give the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
 from . import qwen2vl
-from .checkpoint import Checkpoint
+from .errors import UserError
+from .observers import RESERVOIR_TOKENS
 
 GIB = 1 << 30
+TOKENS = 1024  # tokens per calibration sample assumed by the estimate (a 1024-token image at the default pixels)
 
 
 @dataclasses.dataclass(frozen=True)
-class Unit:
-    prefix: str  # "visual.blocks.3." or "model.layers.7."
-    nbytes: int
+class RankPlan:
+    rank: int
+    layers: tuple[int, int]  # [start, stop) of decoder layers
+    weights: int  # bytes of the layers it holds (rank 0: with the vision tower)
+    resident: bool  # holds its whole slice; else streams it layer by layer
+    peak: int  # estimated peak bytes
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    vision: tuple[Unit, ...]
-    decoder: tuple[Unit, ...]
-    slices: tuple[tuple[int, int], ...]  # per rank: [start, stop) of decoder layers
-    other_bytes: int  # embeddings, merger, patch embed, final norm, lm_head
-    total_bytes: int
+    ranks: tuple[RankPlan, ...]
+    vision_bytes: int  # blocks + patch embedding + merger
+    layer_bytes: tuple[int, ...]  # per decoder layer
+    total_bytes: int  # every tensor of the checkpoint
+    budget: int | None  # per-rank memory budget the plan was made for
+    images: int
+
+    @property
+    def slices(self) -> tuple[tuple[int, int], ...]:
+        return tuple(r.layers for r in self.ranks)
 
 
-def _unit_bytes(sizes: dict[str, int], prefix: str) -> int:
-    return sum(n for name, n in sizes.items() if name.startswith(prefix))
-
-
-def make_plan(ckpt: Checkpoint, arch: qwen2vl.Arch, world_size: int) -> Plan:
-    sizes = {n: ckpt.nbytes(n) for n in ckpt.names()}
-    vision = tuple(Unit(qwen2vl.VISION_BLOCK.format(i=i), _unit_bytes(sizes, qwen2vl.VISION_BLOCK.format(i=i)))
-                   for i in range(arch.vision_depth))
-    decoder = tuple(Unit(qwen2vl.DECODER_LAYER.format(i=i), _unit_bytes(sizes, qwen2vl.DECODER_LAYER.format(i=i)))
-                    for i in range(arch.num_layers))
-    total = sum(sizes.values())
-    other = total - sum(u.nbytes for u in vision + decoder)
-    per = -(-arch.num_layers // world_size)
-    slices = tuple((min(r * per, arch.num_layers), min((r + 1) * per, arch.num_layers)) for r in range(world_size))
-    return Plan(vision, decoder, slices, other, total)
-
-
-def peak_bytes(plan: Plan, arch: qwen2vl.Arch, dtype: torch.dtype, images: int = 30, tokens: int = 1024) -> int:
-    """Estimated peak memory of rank 0 at world size 1: largest layer + activations + merge working set."""
+def sizes(arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[int, tuple[int, ...], int]:
+    """(vision tower bytes, bytes per decoder layer, total bytes) from the adapter's checkpoint table."""
     el = torch.empty(0, dtype=dtype).element_size()
-    largest = max(u.nbytes for u in plan.vision + plan.decoder)
-    hidden = images * tokens * arch.hidden_size * el
-    inter = tokens * arch.intermediate_size * 4 * 3  # one sample's MLP intermediates in float32
-    merge = max(arch.intermediate_size, arch.vocab_size) * arch.hidden_size * 4  # float32 copy of one weight
-    return largest + hidden + inter + merge
+    vision, total = 0, 0
+    layers = [0] * arch.num_layers
+    for name, shape in qwen2vl.checkpoint_shapes(arch).items():
+        n = el
+        for d in shape:
+            n *= d
+        total += n
+        if name.startswith("visual."):
+            vision += n
+        elif name.startswith("model.layers."):
+            layers[int(name.split(".")[2])] += n
+    return vision, tuple(layers), total
+
+
+def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int, int], ...]:
+    """Contiguous slices of `costs`, one non-empty slice per rank, minimising the largest load, where rank 0's
+    load also counts `first`. Ties go to the split that gives earlier ranks fewer layers (deterministic)."""
+    n = len(costs)
+    if ranks > n:
+        raise UserError(f"world size: {ranks} ranks but the model has only {n} decoder layers; every rank needs at "
+                        f"least one, so start at most {n} ranks")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    @functools.lru_cache(maxsize=None)
+    def best(r: int, start: int) -> tuple[int, tuple[int, ...]]:
+        """(max load, cut points) for ranks r.. over layers start..n."""
+        base = first if r == 0 else 0
+        if r == ranks - 1:
+            return base + prefix[n] - prefix[start], ()
+        out = None
+        for stop in range(start + 1, n - (ranks - 1 - r) + 1):
+            load = base + prefix[stop] - prefix[start]
+            rest, cuts = best(r + 1, stop)
+            cand = (max(load, rest), (stop,) + cuts)
+            if out is None or cand[0] < out[0]:
+                out = cand
+        return out
+
+    cuts = (0,) + best(0, 0)[1] + (n,)
+    return tuple((cuts[i], cuts[i + 1]) for i in range(ranks))
+
+
+def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_layers: int, resident: bool,
+          images: int, smoothing: bool, main: bool) -> int:
+    el = torch.empty(0, dtype=dtype).element_size()
+    work = TOKENS * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
+    # token reservoirs (float32) of the smoothed groups: q/k/v and gate/up read `hidden`, o_proj reads heads * dim
+    reservoir = RESERVOIR_TOKENS * arch.hidden_size * 3 * 4 if smoothing else 0
+    chains = 2 if smoothing else 1
+    if resident:
+        held = weights + reservoir * n_layers + 2 * TOKENS * arch.hidden_size * el * chains
+    else:
+        held = largest + reservoir + images * TOKENS * arch.hidden_size * el * chains
+    merge = max(arch.intermediate_size, arch.vocab_size) * arch.hidden_size * 4 if main else 0
+    return max(held + work, merge + TOKENS * arch.hidden_size * 4)
+
+
+def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: int | None = None,
+              images: int = 30, anti_method: str = "m2") -> Plan:
+    vision, layers, total = sizes(arch, dtype)
+    slices = partition(vision, layers, world_size)
+    smoothing = anti_method != "none"
+    largest = max(layers)
+    ranks = []
+    for r, (a, b) in enumerate(slices):
+        weights = sum(layers[a:b]) + (vision if r == 0 else 0)
+        kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0)
+        resident_peak = _peak(arch, dtype, weights, largest, resident=True, **kw)
+        resident = world_size > 1 and (budget is None or resident_peak <= budget)
+        peak = resident_peak if resident else _peak(arch, dtype, weights, largest, resident=False, **kw)
+        ranks.append(RankPlan(r, (a, b), weights, resident, peak))
+    return Plan(tuple(ranks), vision, layers, total, budget, images)
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
 def report(plan: Plan, arch: qwen2vl.Arch, dtype: torch.dtype) -> str:
+    budget = "no memory budget given" if plan.budget is None else f"{size(plan.budget)} per rank"
     lines = [
-        f"model: {len(plan.vision)} vision blocks, {len(plan.decoder)} decoder layers, "
-        f"{plan.total_bytes / GIB:.2f} GiB of weights ({str(dtype).replace('torch.', '')})",
+        f"model: {arch.vision_depth} vision blocks, {arch.num_layers} decoder layers, "
+        f"{size(plan.total_bytes)} of weights ({str(dtype).replace('torch.', '')})",
+        f"plan: {len(plan.ranks)} ranks, {budget}, {plan.images} images x {TOKENS} tokens",
     ]
-    for r, (a, b) in enumerate(plan.slices):
-        layer_bytes = sum(u.nbytes for u in plan.decoder[a:b])
-        extra = " + vision tower + embeddings" if r == 0 else ""
-        lines.append(f"rank {r}: decoder layers {a}..{b - 1} ({layer_bytes / GIB:.2f} GiB){extra}")
-    lines.append(f"estimated peak memory per rank (30 images x 1024 tokens): "
-                 f"{peak_bytes(plan, arch, dtype) / GIB:.2f} GiB")
+    for r in plan.ranks:
+        a, b = r.layers
+        extra = " + vision tower" if r.rank == 0 else ""
+        mode = "holds its slice, pipelined" if r.resident else "streams its layers one at a time"
+        count = f"{b - a} layer{'s' if b - a > 1 else ''}{extra}"
+        lines.append(f"rank {r.rank}: decoder layers {a}..{b - 1} ({count}): {size(r.weights)} of weights, {mode}, "
+                     f"estimated peak {size(r.peak)}")
+        if plan.budget is not None and r.peak > plan.budget:
+            lines.append(f"  warning: rank {r.rank}'s estimated peak exceeds the budget; start more ranks")
     return "\n".join(lines)

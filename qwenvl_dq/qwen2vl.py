@@ -279,14 +279,16 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, read):
+def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, read=None):
     """Patch-embed one sample's pixels and work out the keyword arguments every vision block is called with.
 
     Runs the vision tower's own forward with recorders in place of the blocks, so the rotary embedding and
     cu_seqlens come from the installed transformers version itself. Returns (hidden [patches, embed], call).
+    With `read`, the patch embedding is loaded for this call and released after; without, it must be live.
     """
     visual = vision_tower(model)
-    materialize(visual.patch_embed, "visual.patch_embed.", read)
+    if read is not None:
+        materialize(visual.patch_embed, "visual.patch_embed.", read)
     sink: list = []
     blocks, merger = visual.blocks, visual.merger
     visual.blocks = nn.ModuleList([_Recorder(sink)])
@@ -295,7 +297,8 @@ def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.
         visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
     finally:
         visual.blocks, visual.merger = blocks, merger
-        release(visual.patch_embed)
+        if read is not None:
+            release(visual.patch_embed)
     hidden, args, kwargs = sink[0]
     return hidden, (args, kwargs)
 
@@ -326,12 +329,11 @@ def decoder_input(rows, input_ids: torch.Tensor, image_embeds: torch.Tensor, ima
     return h
 
 
-def decoder_call(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, grid_thw: torch.Tensor,
-                 image_token_id: int):
+def decoder_call(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     """Keyword arguments for every decoder layer for one sample: causal attention (mask None -> sdpa is_causal,
-    exact for one unpadded sequence) and the rotary embedding of the sample's 3-D mrope positions, computed by
-    the model's own rotary module."""
-    position_ids = rope_index(model, input_ids, grid_thw, image_token_id).to(hidden.device)
+    exact for one unpadded sequence) and the rotary embedding of the sample's 3-D mrope positions (rope_index),
+    computed by the model's own rotary module. Everything a rank needs to run its layers on a sample it was sent."""
+    position_ids = position_ids.to(hidden.device)
     cos_sin = text_model(model).rotary_emb(hidden, position_ids)
     kwargs = {"attention_mask": None, "position_embeddings": cos_sin}
     if not TF5:

@@ -46,3 +46,14 @@ def quantize(model, out, *extra, calib=CALIB):
 
     return main(["quantize", "--model_path", model, "--save_directory", str(out), "--calib_images", calib,
                  "--device_type", "cpu", "--anti_method", "none", *extra])
+
+
+def one_rank(model, ckpt, arch, act_method, anti_method="none", resident=False):
+    """A world-size-1 calibration stage over the whole model (resident: every layer loaded at once)."""
+    import torch
+
+    from qwenvl_dq import calibrate
+    from qwenvl_dq.dist import Dist
+
+    return calibrate.Stage(Dist(0, 1, 0, torch.device("cpu")), model, ckpt, arch, (0, arch.num_layers), resident,
+                           act_method, anti_method)

@@ -5,13 +5,14 @@ import transformers
 
 from qwenvl_dq import calib_data, calibrate, int8, qwen2vl
 from qwenvl_dq.checkpoint import Checkpoint
+from conftest import one_rank
 
 
 def test_layer_by_layer_statistics_equal_the_full_model_forward(tiny_model, calib_dir):
     samples = calib_data.load_samples(calib_dir, tiny_model, limit=2)
     arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(tiny_model))
     skeleton = qwen2vl.build_skeleton(qwen2vl.load_hf_config(tiny_model, False), torch.bfloat16)
-    ours = calibrate.calibrate(skeleton, Checkpoint(tiny_model), arch, samples, "minmax")
+    ours = calibrate.calibrate(one_rank(skeleton, Checkpoint(tiny_model), arch, "minmax"), samples, len(samples))
     assert len(ours) == 2 * len(qwen2vl.quantized_linears(arch)) == 2 * (3 * 2 + 6 * 3)
 
     kw = {"dtype" if qwen2vl.TF5 else "torch_dtype": torch.bfloat16}

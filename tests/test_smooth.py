@@ -6,6 +6,7 @@ import transformers
 
 from qwenvl_dq import calib_data, calibrate, int8, qwen2vl, smooth
 from qwenvl_dq.checkpoint import Checkpoint
+from conftest import one_rank
 
 
 def outlier_problem(seed=0, tokens=96, channels=24, outs=(16, 16), gated=False):
@@ -125,7 +126,8 @@ def test_smoothing_leaves_the_float_model_unchanged(tiny_model, calib_dir, metho
     samples = calib_data.load_samples(calib_dir, tiny_model, limit=2)
     arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(tiny_model))
     skeleton = qwen2vl.build_skeleton(qwen2vl.load_hf_config(tiny_model, False), torch.bfloat16)
-    results = calibrate.calibrate(skeleton, Checkpoint(tiny_model), arch, samples, "histogram", method)
+    results = calibrate.calibrate(one_rank(skeleton, Checkpoint(tiny_model), arch, "histogram", method), samples,
+                                  len(samples))
     factors = {k: v for k, v in results.items() if k.rsplit(".", 1)[1] in smooth.KEYS}
     kinds = {k.rsplit(".", 1)[1] for k in factors}
     want = {smooth.NORM_SCALE, smooth.IN_SCALE} | (
