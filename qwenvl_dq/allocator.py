@@ -29,3 +29,25 @@ def pin_mmap_threshold() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         log.debug("mallopt unavailable; peak memory may grow with the number of layers")
         return False
+
+
+def reset_peak() -> bool:
+    """Start a new peak-RSS window (Linux: /proc/self/clear_refs "5" resets VmHWM); whether it took effect."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process since start or the last reset_peak() (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

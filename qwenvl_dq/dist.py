@@ -17,6 +17,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
+import socket
 import threading
 import time
 
@@ -99,6 +101,14 @@ def env_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _short(error: BaseException) -> str:
+    """The first line of a backend error without its source location and advice: 'Connection closed by peer
+    [127.0.0.1]:29386'."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". This is typically")[0].rstrip(".")
+
+
 class _Heart:
     """A thread that beats this rank's counter in the launcher's store; also reads everybody's."""
 
@@ -113,6 +123,16 @@ class _Heart:
         self.beat()
         self.thread.start()
 
+    def reachable(self) -> bool:
+        """Whether the store still answers a connection (checked first: a store call on a dead store makes c10d
+        print a C++ backtrace)."""
+        host, port = self.where.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
     def beat(self) -> None:
         with self.lock:
             self.store.add(f"{_KEY}beat/{self.rank}", 1)
@@ -120,6 +140,8 @@ class _Heart:
     def _run(self) -> None:
         while not self.stop.wait(BEAT_S):
             try:
+                if not self.reachable():
+                    return
                 self.beat()
             except Exception:  # the store is gone: whoever waits on us will find out
                 return
@@ -164,36 +186,38 @@ class Dist:
 
     def diagnose(self, doing: str, peer: int | None, error: BaseException) -> RankLost:
         """The error for a failed wait: which rank was lost, from the heartbeats and the errors posted."""
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = _short(error)
         if self.heart is None:
             return RankLost(f"rank {self.rank}: {doing} failed: {text}")
         try:
+            if not self.heart.reachable():
+                raise OSError
             first = self.heart.beats()
             time.sleep(3 * BEAT_S)
             second = self.heart.beats()
             errors = self.heart.errors()
         except Exception:
-            return RankLost(f"rank {self.rank}: {doing} failed ({text}), and the launcher's store at "
-                            f"{self.heart.where} is gone with it: rank 0 or the launcher was lost")
-        silent = [r for r in range(self.world_size) if r != self.rank and first[r] == second[r]]
-        lost = [r for r in silent if r not in errors]
-        others = "; ".join(f"rank {r} stopped with: {m}" for r, m in sorted(errors.items()) if r != self.rank)
+            who = "rank 0" if peer == 0 else "rank 0 (or the launcher)"
+            return RankLost(f"lost {who}: the launcher's store at {self.heart.where} is gone; rank {self.rank} "
+                            f"noticed while {doing} ({text})")
+        lost = [r for r in range(self.world_size)
+                if r != self.rank and first[r] == second[r] and r not in errors]
         if lost:
-            names = ", ".join(str(r) for r in lost)
-            msg = (f"lost rank {names}: it stopped without reporting an error (killed, out of memory, or its host "
-                   f"went down); rank {self.rank} noticed while {doing} ({text})")
-        elif others:
-            msg = f"rank {self.rank} stopped while {doing} because another rank failed"
-        elif "timed out" in text.lower() or "timeout" in text.lower():
-            msg = (f"rank {peer} did not answer within --dist_timeout {self.timeout_s:g} s while rank {self.rank} "
-                   f"was {doing}; it is alive but stuck (raise --dist_timeout if it is only slow)")
-        else:
-            msg = f"rank {self.rank}: {doing} failed: {text}"
-        return RankLost(msg + (f"; {others}" if others else ""))
+            return RankLost(f"lost rank {', '.join(map(str, lost))}: it stopped without reporting an error (killed, "
+                            f"out of memory, or its host went down); rank {self.rank} noticed while {doing} ({text})")
+        others = [f"rank {r}: {m}" for r, m in sorted(errors.items()) if r != self.rank]
+        if others:
+            return RankLost(f"rank {self.rank} stopped while {doing} because another rank failed: "
+                            + "; ".join(others))
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            return RankLost(f"rank {peer} did not answer within --dist_timeout {self.timeout_s:g} s while rank "
+                            f"{self.rank} was {doing}; it is alive but stuck (raise --dist_timeout if it is only "
+                            "slow)")
+        return RankLost(f"rank {self.rank}: {doing} failed: {text}")
 
     def post_error(self, message: str) -> None:
         """Tell the other ranks why this one is stopping (read by their diagnose)."""
-        if self.heart is not None:
+        if self.heart is not None and self.heart.reachable():
             with contextlib.suppress(Exception):
                 self.heart.post_error(message)
 

@@ -36,6 +36,7 @@ class Summary:
     rank: int = 0
     tensors_read: list[str] = dataclasses.field(default_factory=list)  # during calibration
     bytes_read: int = 0  # in all
+    peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)  # phase -> peak resident bytes
 
 
 def model_dtype(src_cfg: dict, ckpt: Checkpoint | None) -> torch.dtype:
@@ -176,6 +177,8 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
             raise UserError(f"rank 0: {n}")
     seconds["plan"] = time.perf_counter() - t0
 
+    peaks = {"plan": allocator.peak_rss()}
+    allocator.reset_peak()
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
@@ -183,9 +186,11 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     results = calibrate.calibrate(stage, samples, n)
     read = list(ckpt.opened)
     seconds["calibrate"] = time.perf_counter() - t
+    del model, stage
+    peaks["calibrate"] = allocator.peak_rss()
     if not d.is_main:
         d.send_object(results, 0, "this rank's results")
-        return Summary(cfg.save_directory, [], 0, 0, seconds, d.rank, read, ckpt.bytes_read)
+        return Summary(cfg.save_directory, [], 0, 0, seconds, d.rank, read, ckpt.bytes_read, peaks)
     t = time.perf_counter()
     for r in range(1, d.world_size):
         results.update(d.recv_object(r, f"rank {r}'s results"))
@@ -193,12 +198,14 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     log.info("calibration done in %.1f s: %d results from %d ranks; merging", seconds["calibrate"], len(results),
              d.world_size)
 
+    allocator.reset_peak()
     t = time.perf_counter()
     files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
     seconds["write"] = time.perf_counter() - t
+    peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
-    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read)
+    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks)
 
 
 def _progress(sweep: int, k: int, n: int) -> None:

@@ -57,3 +57,42 @@ def one_rank(model, ckpt, arch, act_method, anti_method="none", resident=False):
 
     return calibrate.Stage(Dist(0, 1, 0, torch.device("cpu")), model, ckpt, arch, (0, arch.num_layers), resident,
                            act_method, anti_method)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(n, argv, script=None, threads=1):
+    """Start n real rank processes as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
+    environment), each running `python -m qwenvl_dq quantize argv` (or `python script argv`). Returns the Popens."""
+    import subprocess
+
+    port = free_port()
+    procs = []
+    for r in range(n):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(n),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, script, *argv] if script else [sys.executable, "-m", "qwenvl_dq", "quantize", *argv]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def run_ranks(n, argv, script=None, timeout=300):
+    """start_ranks, wait; returns [(returncode, stdout, stderr)] per rank."""
+    procs = start_ranks(n, argv, script)
+    out = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=timeout)
+        except Exception:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, o, e))
+    return out

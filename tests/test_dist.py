@@ -1,0 +1,130 @@
+"""Several ranks, real processes over gloo: the same bytes as one rank, each rank reads only its own layers, a lost
+rank stops everyone with its name, and the plan splits layers by bytes."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import make_tiny_qwen2vl
+from conftest import CALIB, ROOT, dir_hashes, one_rank, run_ranks, start_ranks
+from qwenvl_dq import calib_data, calibrate, plan, qwen2vl
+from qwenvl_dq.checkpoint import Checkpoint
+from qwenvl_dq.errors import UserError
+
+PROBE = os.path.join(ROOT, "tests", "rank_probe.py")
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory):
+    """5 decoder layers: 2 and 3 ranks split them unevenly."""
+    return make_tiny_qwen2vl.build(str(tmp_path_factory.mktemp("models") / "tiny5"), ["--num_hidden_layers", "5"])
+
+
+def seed_flags(model, out, *extra):
+    return ["--model_path", model, "--save_directory", str(out), "--calib_images", CALIB, "--device_type", "cpu",
+            "--calib_num", "3", "--mindie_format", *extra]
+
+
+def probes(results):
+    out = {}
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr
+        line = [x for x in stdout.splitlines() if x.startswith("PROBE ")][0]
+        p = json.loads(line[len("PROBE "):])
+        out[p["rank"]] = p
+    return out
+
+
+@pytest.mark.parametrize("method", ["none", "m2", "m4"])
+def test_outputs_are_byte_identical_for_1_2_and_3_ranks(five_layers, tmp_path, method):
+    hashes = {}
+    for n, extra in ((1, []), (2, []), (3, ["--max_memory", "1e-6"])):  # 3 ranks: every rank streams its layers
+        out = tmp_path / f"r{n}"
+        results = run_ranks(n, seed_flags(five_layers, out, "--anti_method", method))
+        for rank, (rc, _, stderr) in enumerate(results):
+            assert rc == 0, (n, rank, stderr)
+        assert "holds its slice, pipelined" in results[0][2] if n == 2 else True
+        hashes[n] = dir_hashes(out)
+    assert len(hashes[1]) >= 10 and "quant_model_weight_w8a8.safetensors" in hashes[1]
+    assert hashes[2] == hashes[1]
+    assert hashes[3] == hashes[1]
+
+
+@pytest.mark.parametrize("method", ["none", "m4"])
+def test_resident_and_layer_major_give_the_same_results(tiny_model, method):
+    samples = calib_data.load_samples(CALIB, tiny_model, limit=2)
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(tiny_model))
+    got = []
+    for resident in (False, True):
+        model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(tiny_model, False), torch.bfloat16)
+        stage = one_rank(model, Checkpoint(tiny_model), arch, "histogram", method, resident)
+        got.append(calibrate.calibrate(stage, samples, len(samples)))
+    assert len(got[0]) > 40 and sorted(got[0]) == sorted(got[1])
+    for k in got[0]:
+        assert torch.equal(got[0][k], got[1][k]), k
+
+
+def test_each_rank_reads_only_its_own_layers_once(five_layers, tmp_path):
+    ranks = probes(run_ranks(3, seed_flags(five_layers, tmp_path / "o", "--anti_method", "m2"), script=PROBE))
+    ckpt = Checkpoint(five_layers)
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(five_layers))
+    layout = plan.make_plan(arch, torch.bfloat16, 3)
+    for r, p in ranks.items():
+        a, b = layout.ranks[r].layers
+        mine = {n for n in ckpt.names() if any(n.startswith(f"model.layers.{i}.") for i in range(a, b))}
+        if r == 0:
+            mine |= {n for n in ckpt.names() if n.startswith("visual.")} | {"model.embed_tokens.weight"}
+        read = p["read"]
+        assert set(read) == mine, r
+        # every tensor once; the embedding table by rows, once per sample and sweep (3 samples, 2 sweeps for m2)
+        rows = [n for n in read if n == "model.embed_tokens.weight"]
+        assert len(rows) == (6 if r == 0 else 0), r
+        assert len(read) - len(rows) == len(set(read) - {"model.embed_tokens.weight"}), r
+    assert [layout.ranks[r].layers for r in range(3)] == [(0, 1), (1, 3), (3, 5)]
+
+
+def test_a_killed_rank_stops_every_other_rank_with_its_name(five_layers, tmp_path):
+    calib = tmp_path / "calib"  # enough samples that rank 1 dies mid-calibration
+    calib.mkdir()
+    for i in range(12):
+        for f in sorted(os.listdir(CALIB)):
+            os.symlink(os.path.join(CALIB, f), calib / f"{i:02d}_{f}")
+    out = tmp_path / "o"
+    argv = seed_flags(five_layers, out, "--anti_method", "m2", "--dist_timeout", "30")
+    argv[argv.index("--calib_images") + 1] = str(calib)
+    argv[argv.index("--calib_num") + 1] = "48"
+    procs = start_ranks(3, argv)
+    lines = []  # rank 0's log, read as it comes
+    reader = threading.Thread(target=lambda: lines.extend(procs[0].stderr), daemon=True)
+    reader.start()
+    t0 = time.monotonic()
+    while not any("sample 5/48" in x for x in lines) and time.monotonic() - t0 < 120:
+        time.sleep(0.02)
+    assert procs[1].poll() is None, procs[1].communicate()
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    for r in (0, 2):
+        procs[r].wait(timeout=60)
+        reader.join(timeout=10) if r == 0 else None
+        err = "".join(lines) if r == 0 else procs[r].stderr.read()
+        assert procs[r].returncode == 3, (r, err)
+        assert time.monotonic() - killed < 30, r
+        assert "lost rank 1" in err, (r, err)
+        assert "Traceback" not in err
+    procs[1].communicate()
+    names = os.listdir(out)
+    assert "INCOMPLETE" in names
+    assert not [n for n in names if n.startswith("quant_model_description")]
+
+
+def test_partition_balances_bytes_with_the_vision_tower_on_rank_0():
+    assert plan.partition(0, (1,) * 6, 3) == ((0, 2), (2, 4), (4, 6))
+    assert plan.partition(3, (1,) * 9, 3) == ((0, 1), (1, 5), (5, 9))  # loads 3 + 1, 4, 4
+    assert plan.partition(100, (1,) * 4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))  # every rank keeps one layer
+    with pytest.raises(UserError, match="5 ranks but the model has only 4 decoder layers"):
+        plan.partition(0, (1,) * 4, 5)
