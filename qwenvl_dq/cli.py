@@ -142,6 +142,10 @@ def run_quantize(a: argparse.Namespace) -> int:
         for f in summary.files:
             size = os.path.getsize(os.path.join(summary.save_directory, f))
             print(f"  {f}  {size:,} bytes")
+        print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.seconds.items()))
+        if summary.peak_rss:
+            print("peak memory (rank 0): " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
+                                                      for k, v in summary.peak_rss.items()))
     return 0
 
 
