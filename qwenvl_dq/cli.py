@@ -117,11 +117,19 @@ def setup_logging(level: str) -> None:
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def run_quantize(a: argparse.Namespace) -> int:
-    from . import job
+def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> int:
+    """entry + argv: how this process was started (the command a multi-card relaunch repeats)."""
+    from . import dist, job
 
     cfg = config_from_args(a)
     setup_logging(cfg.log_level)
+    cmd = None if cfg.dry_run else dist.launch_command(cfg.device_type, entry, argv)
+    if cmd is not None:
+        logging.info("%s cards visible: starting one rank per card: %s (to use one card, make only it visible, "
+                     "e.g. ASCEND_RT_VISIBLE_DEVICES=0)", cmd[cmd.index("--nproc_per_node") + 1], " ".join(cmd))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(cmd[0], cmd)
     try:
         summary = job.quantize(cfg)
     except UserError as e:
@@ -208,11 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     add_quantize_args(q)
     e = sub.add_parser("evaluate", help="compare quantized outputs with their float model on held-out images")
     add_evaluate_args(e)
+    argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     if a.command == "quantize":
-        return run_quantize(a)
+        return run_quantize(a, ["-m", "qwenvl_dq"], argv)
     return run_evaluate(a)
 
 
 def seed_main(argv: list[str] | None = None) -> int:
-    return run_quantize(seed_parser().parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return run_quantize(seed_parser().parse_args(argv), [os.path.abspath(sys.argv[0])], argv)

@@ -86,6 +86,36 @@ def memory_budget(device: torch.device) -> int:
     return avail // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def visible_cards(device_type: str, environ=os.environ) -> int:
+    """How many cards this host shows the tool: ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES when set, else
+    what the device runtime counts; 0 for cpu."""
+    var = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}.get(device_type)
+    if var is None:
+        return 0
+    if environ.get(var, "").strip():
+        return len([c for c in environ[var].split(",") if c.strip()])
+    try:
+        if device_type == "npu":
+            import torch_npu  # noqa: F401
+        return int(getattr(torch, device_type).device_count())
+    except Exception:  # no torch_npu, no driver: dist.setup gives the clear error later
+        return 0
+
+
+def launch_command(device_type: str, entry: list[str], argv: list[str], environ=os.environ) -> list[str] | None:
+    """The torchrun command that starts one rank per visible card, when this process was started by hand
+    (no WORLD_SIZE) on a host with several cards; None when this process should run the job itself."""
+    if "WORLD_SIZE" in environ:
+        return None
+    cards = visible_cards(device_type, environ)
+    if cards <= 1:
+        return None
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cards),
+            *entry, *argv]
+
+
 def env_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) without a launcher."""
     try:
