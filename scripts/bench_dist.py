@@ -27,7 +27,9 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -93,6 +95,39 @@ def parse(stdout: str) -> dict:
     return {"seconds": seconds, "peak_mib": peak}
 
 
+def cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine so far (all processes, all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = v[0] + v[1] + v[2] + sum(v[5:8])  # user nice system irq softirq steal (not idle, iowait)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def wait_idle(threshold: float, limit: float) -> float:
+    """Wait until other processes use less than `threshold` cores (sampled over 3 s), at most `limit` seconds.
+    Returns the last load seen."""
+    t0 = time.monotonic()
+    said = False
+    while True:
+        c, t = cpu_seconds(), time.monotonic()
+        time.sleep(3)
+        load = (cpu_seconds() - c) / (time.monotonic() - t)
+        if load < threshold or time.monotonic() - t0 > limit:
+            if said:
+                print(f"  ... machine {'idle' if load < threshold else 'still busy, going on'} "
+                      f"after {time.monotonic() - t0:.0f} s", flush=True)
+            return load
+        if not said:
+            print(f"  waiting for the machine: other processes use {load:.2f} cores", flush=True)
+            said = True
+        time.sleep(7)
+
+
 def run_one(model: str, calib: str, out: str, method: str, ranks: int, threads: int, log_path: str,
             timeout: float) -> dict:
     env = dict(os.environ)
@@ -104,10 +139,13 @@ def run_one(model: str, calib: str, out: str, method: str, ranks: int, threads: 
            "--master_port", str(free_port()),
            "-m", "qwenvl_dq", "quantize", "--model_path", model, "--save_directory", out,
            "--calib_images", calib, "--device_type", "cpu", "--anti_method", method, "--overwrite"]
+    busy0, ours0 = cpu_seconds(), children_cpu()
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                        timeout=timeout)
     wall = time.perf_counter() - t
+    ours = children_cpu() - ours0
+    other = max(cpu_seconds() - busy0 - ours, 0.0)
     with open(log_path, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n" + p.stdout + "\n--- stderr ---\n" + p.stderr)
     if p.returncode != 0:
@@ -116,13 +154,14 @@ def run_one(model: str, calib: str, out: str, method: str, ranks: int, threads: 
     r = parse(p.stdout)
     if not r["seconds"]:
         raise SystemExit(f"no `time:` line from rank 0 in {log_path}")
-    r.update(wall=wall, command=" ".join(cmd), env={"OMP_NUM_THREADS": str(threads)})
+    r.update(wall=wall, cpu_s=ours, background_cores=other / wall, command=" ".join(cmd),
+             env={"OMP_NUM_THREADS": str(threads)})
     return r
 
 
 def fmt_table(rows: list[dict]) -> str:
     head = ["method", "ranks x threads", "wall s", "plan s", "calibrate s", "write s",
-            "peak MiB plan/calib/write", "calib speedup", "wall speedup", "identical"]
+            "peak MiB plan/calib/write", "calib speedup", "wall speedup", "identical", "bg cores"]
     lines = [head]
     for r in rows:
         s, m = r["seconds"], r["peak_mib"]
@@ -130,7 +169,8 @@ def fmt_table(rows: list[dict]) -> str:
                       f"{s.get('calibrate', 0):.2f}", f"{s.get('write', 0):.2f}",
                       "/".join(str(m.get(k, "?")) for k in ("plan", "calibrate", "write")),
                       f"{r['calib_speedup']:.2f}x", f"{r['wall_speedup']:.2f}x",
-                      "ref" if r["reference"] else ("yes" if r["identical"] else "NO")])
+                      "ref" if r["reference"] else ("yes" if r["identical"] else "NO"),
+                      f"{r['background_cores']:.2f}"])
     out = ["| " + " | ".join(row) + " |" for row in lines]
     out.insert(1, "|" + "|".join("---" for _ in head) + "|")
     return "\n".join(out)
@@ -152,7 +192,12 @@ def main() -> int:
     p.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the working folder (model, images, outputs, logs)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    p.add_argument("--idle", type=float, default=0.3,
+                   help="before each run wait until other processes use fewer cores than this (default 0.3; "
+                        "0 disables); the table's `bg cores` is what others used during the run")
+    p.add_argument("--idle_wait", type=float, default=1800, help="longest wait for an idle machine, seconds")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the working folder is still removed
     layers = a.layers or (4 if a.quick else 12)
     hidden = a.hidden or (512 if a.quick else 1024)
     inter = a.intermediate or (1408 if a.quick else 2816)
@@ -189,6 +234,8 @@ def main() -> int:
                 for i in range(a.repeat):
                     out = os.path.join(work, f"out_{method}_{ranks}x{threads}")
                     log = os.path.join(work, f"log_{method}_{ranks}x{threads}_{i}.txt")
+                    if a.idle > 0:
+                        wait_idle(a.idle, a.idle_wait)
                     r = run_one(model, calib, out, method, ranks, threads, log, a.timeout)
                     r["hashes"] = tree_hashes(out)
                     print(f"  {method} {label} run {i + 1}: wall {r['wall']:.1f} s, "
