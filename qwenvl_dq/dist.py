@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import threading
 import time
 
@@ -110,8 +111,6 @@ def launch_command(device_type: str, entry: list[str], argv: list[str], environ=
     cards = visible_cards(device_type, environ)
     if cards <= 1:
         return None
-    import sys
-
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cards),
             *entry, *argv]
 

@@ -182,7 +182,7 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
-                            on_layer=lambda p: log.debug("solved %s", p), on_sample=_progress if d.is_main else None)
+                            on_layer=_solved(d, mine), on_sample=_progress if d.is_main else None)
     results = calibrate.calibrate(stage, samples, n)
     read = list(ckpt.opened)
     seconds["calibrate"] = time.perf_counter() - t
@@ -206,6 +206,17 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
     return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks)
+
+
+def _solved(d: dist.Dist, mine: plan.RankPlan):
+    """Log each layer this rank has finished (info on rank 0, whose log is the progress; debug elsewhere)."""
+    done = []
+
+    def on_layer(prefix: str) -> None:
+        done.append(prefix)
+        log.log(logging.INFO if d.is_main else logging.DEBUG, "solved %s (%d of this rank's layers)",
+                prefix.rstrip("."), len(done))
+    return on_layer
 
 
 def _progress(sweep: int, k: int, n: int) -> None:

@@ -126,6 +126,8 @@ class PartWriter:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+            log.info("wrote part %d of %d, %s (%.1f MiB in all so far)", sum(1 for n in self._left if n == 0),
+                     len(self.parts), self.names[k], self.bytes_written / 2**20)
 
     def commit(self) -> list[str]:
         """Rename every finished part to its final name; returns the part file names."""
