@@ -234,14 +234,16 @@ def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str
     results: dict[str, torch.Tensor] = {}
     vision = [u for u in units if u.kind == "vision"]
     decoder = [u for u in units if u.kind == "decoder"]
-    for u in units:
-        qwen2vl.materialize(u.module, u.prefix, stage.read)
-    if d.is_main:
-        stage.live("visual.patch_embed.")
-        merger = stage.live("visual.merger.")
     vcalls, dcalls, positions = [None] * n, [None] * n, [None] * n
     state = {"k": 0}
+    patch_embed = qwen2vl.vision_tower(model).patch_embed
+    merger = qwen2vl.named_module(model, "visual.merger.")
     try:
+        for u in units:
+            qwen2vl.materialize(u.module, u.prefix, stage.read)
+        if d.is_main:
+            stage.live("visual.patch_embed.")
+            stage.live("visual.merger.")
         for sweep in range(stage.sweeps):
             for u in units:
                 u.start(sweep, n, state)
@@ -273,11 +275,8 @@ def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str
                     stage.on_layer(u.prefix)
         d.wait_sends()
     finally:
-        for u in units:
-            qwen2vl.release(u.module)
-        if d.is_main:
-            qwen2vl.release(qwen2vl.vision_tower(model).patch_embed)
-            qwen2vl.release(merger)
+        for m in [u.module for u in units] + ([patch_embed, merger] if d.is_main else []):
+            qwen2vl.release(m)
     return results
 
 

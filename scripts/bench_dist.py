@@ -15,7 +15,9 @@
    a table and writes the figures to --json (default bench_dist.json).
 
 --quick: 4 decoder layers, hidden 512, 8 images (a smoke run of a minute or so). --repeat N runs every
-configuration N times and reports the fastest (by wall time). This is a benchmark, not a test: it exits 1 only
+configuration N times and reports the fastest (by wall time). Before each run it waits (--idle, --idle_wait)
+until other processes leave the cores free, and the table's `bg cores` column is the CPU other processes used
+during the run (from /proc/stat, less this run's own CPU): above ~0.1 the row's timings are not clean. This is a benchmark, not a test: it exits 1 only
 when a run fails, and 3 when an output is not byte-identical to the reference.
 """
 
