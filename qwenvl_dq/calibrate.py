@@ -269,6 +269,8 @@ def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str
                     d.send([h, positions[k]], d.rank + 1, f"sample {k} of sweep {sweep + 1}")
                 if stage.on_sample:
                     stage.on_sample(sweep, k, n)
+            if sweep == 0 and stage.sweeps == 2:
+                log.info("searching the %s factors of this rank's %d layers", stage.anti_method, len(units))
             for u in units:
                 results.update(u.finish(sweep, vcalls if u.kind == "vision" else dcalls))
                 if sweep == stage.sweeps - 1 and stage.on_layer:
