@@ -14,11 +14,12 @@
    that every output file is byte-identical (sha256) to the 1 rank x 1 thread output of the same method, prints
    a table and writes the figures to --json (default bench_dist.json).
 
---quick: 4 decoder layers, hidden 512, 8 images (a smoke run of a minute or so). --repeat N runs every
-configuration N times and reports the fastest (by wall time). Before each run it waits (--idle, --idle_wait)
-until other processes leave the cores free, and the table's `bg cores` column is the CPU other processes used
-during the run (from /proc/stat, less this run's own CPU): above ~0.1 the row's timings are not clean. This is a benchmark, not a test: it exits 1 only
-when a run fails, and 3 when an output is not byte-identical to the reference.
+--quick: 4 decoder layers, hidden 512, 8 images (a smoke run of about three minutes, m2 most of it).
+--repeat N runs every configuration N times and reports the fastest (by wall time). Before each run it waits
+(--idle, --idle_wait) until other processes leave the cores free, and the table's `bg cores` column is the CPU
+other processes used during the run (from /proc/stat, less this run's own CPU): well above 0 on a row that uses
+both cores, its timings are not clean. This is a benchmark, not a test: it exits 1 only when a run fails, and 3
+when an output is not byte-identical to the reference.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def tree_hashes(d: str) -> dict[str, str]:
 
 
 def parse(stdout: str) -> dict:
-    """Rank 0's summary lines: `time: plan 1.49 s, calibrate 1.10 s, ...` and `peak memory (rank 0): plan 351 MiB, ...`."""
+    """Rank 0's summary lines: `time: plan 1.49 s, calibrate 1.10 s, ...` and
+    `peak memory (rank 0): plan 351 MiB, ...`."""
     seconds, peak = {}, {}
     for line in stdout.splitlines():
         if line.startswith("time: "):
