@@ -128,3 +128,30 @@ def test_partition_balances_bytes_with_the_vision_tower_on_rank_0():
     assert plan.partition(100, (1,) * 4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))  # every rank keeps one layer
     with pytest.raises(UserError, match="5 ranks but the model has only 4 decoder layers"):
         plan.partition(0, (1,) * 4, 5)
+
+
+def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
+    from conftest import quantize
+
+    model = os.path.join(ROOT, "tests", "data", "configs", "Qwen2-VL-72B-Instruct")
+    assert quantize(model, tmp_path / "o", "--dry_run", "--ranks", "8", "--max_memory", "64", "--anti_method",
+                    "m2") == 0
+    out = capsys.readouterr().out
+    assert "32 vision blocks, 80 decoder layers, 136.73 GiB of weights (bfloat16)" in out
+    assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
+            "pipelined, estimated peak 20.05 GiB") in out
+    assert "rank 7: decoder layers 70..79 (10 layers): 16.35 GiB of weights" in out
+    assert "(no weights in model_path: sizes from config.json)" in out
+    assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ranks", "4"], "ranks: 4: --ranks N (N >= 1) plans for N ranks and goes with --dry_run"),
+    (["--dist_timeout", "0"], "dist_timeout: 0.0 must be a positive number of seconds"),
+    (["--max_memory", "-1"], "max_memory: -1.0 must be a positive number of GiB"),
+])
+def test_bad_distributed_flags_are_refused(tiny_model, tmp_path, capsys, flags, message):
+    from conftest import quantize
+
+    assert quantize(tiny_model, tmp_path / "o", *flags) == 2
+    assert message in capsys.readouterr().err
