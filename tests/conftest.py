@@ -60,11 +60,19 @@ def one_rank(model, ckpt, arch, act_method, anti_method="none", resident=False):
 
 
 def free_port():
+    """A free port below Linux's ephemeral range (32768-60999): ranks that retry connecting to a port in that range
+    before rank 0 listens on it can be handed it as their own source port and connect to themselves."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def start_ranks(n, argv, script=None, threads=1):
@@ -85,14 +93,22 @@ def start_ranks(n, argv, script=None, threads=1):
 
 def run_ranks(n, argv, script=None, timeout=300):
     """start_ranks, wait; returns [(returncode, stdout, stderr)] per rank."""
+    import threading
+
     procs = start_ranks(n, argv, script)
-    out = []
-    for p in procs:
+    out = [None] * n
+
+    def wait(r):  # every rank's pipes are drained at once, so no rank blocks on a full pipe
         try:
-            o, e = p.communicate(timeout=timeout)
-        except Exception:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, o, e))
+            o, e = procs[r].communicate(timeout=timeout)
+            out[r] = (procs[r].returncode, o, e)
+        except Exception as exc:
+            procs[r].kill()
+            out[r] = (None, "", f"rank {r}: {exc}")
+
+    threads = [threading.Thread(target=wait, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return out
