@@ -20,8 +20,8 @@ smoothing factors {"<module>.smooth_*": [channels]}.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from typing import Callable
 
 import torch
@@ -66,23 +66,6 @@ def solve(observers: dict[tuple[str, ...], ActObserver], act_method: str) -> dic
             out[n + ".input_scale"] = scale
             out[n + ".input_offset"] = offset
     return out
-
-
-def run_samples(layer: nn.Module, prefix: str, groups, hiddens: list[torch.Tensor], calls: list, run: Callable,
-                reservoirs: dict | None = None, propagate: bool = True) -> dict[tuple[str, ...], ActObserver]:
-    """Every sample through one layer with observers attached; with `propagate` the outputs replace hiddens."""
-    state = {"k": 0}
-    observers, hooks = observe(layer, prefix, groups, state, reservoirs)
-    try:
-        for k in range(len(hiddens)):
-            state["k"] = k
-            out = run(layer, hiddens[k], calls[k])
-            if propagate:
-                hiddens[k] = out
-    finally:
-        for h in hooks:
-            h.remove()
-    return observers
 
 
 def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch: qwen2vl.Arch,
@@ -134,8 +117,6 @@ def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tens
             continue
         for k, v in smooth.fold(dict(mod.named_parameters(recurse=False)), f).items():
             setattr(mod, k, nn.Parameter(v, requires_grad=False))
-
-
 
 
 @dataclasses.dataclass

@@ -95,12 +95,12 @@ def add_log_level(p) -> None:
                    help="logging verbosity; debug also shows tracebacks (default: %(default)s)")
 
 
-def user_error(e: UserError, log_level: str) -> int:
-    """Print a user error as one line (with its traceback at debug level); the exit code for it."""
+def user_error(e, log_level: str, code: int = 2) -> int:
+    """Print an error as one line (with the traceback being handled, at debug level); returns the exit code."""
     if log_level == "debug":
         logging.exception("failed")
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return code
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -135,10 +135,7 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
     except UserError as e:
         return user_error(e, cfg.log_level)
     except RankLost as e:
-        if cfg.log_level == "debug":
-            logging.exception("failed")
-        print(f"error: {e}; the output directory is left marked INCOMPLETE", file=sys.stderr)
-        return 3
+        return user_error(f"{e}; the output directory is left marked INCOMPLETE", cfg.log_level, code=3)
     except KeyboardInterrupt:
         print("interrupted: nothing was completed; an output directory, if one was started, holds an INCOMPLETE "
               "file and no description json", file=sys.stderr)

@@ -201,7 +201,7 @@ class Dist:
     device: torch.device
     timeout_s: float = 1800.0
     heart: _Heart | None = None
-    pending: dict = dataclasses.field(default_factory=dict)  # dst -> (work, tensors kept alive until sent)
+    pending: dict = dataclasses.field(default_factory=dict)  # dst -> (works, tensors kept alive, what)
 
     @property
     def is_main(self) -> bool:
@@ -325,11 +325,6 @@ class Dist:
             tdist.broadcast_object_list(box, 0, device=self.device if self.device.type != "cpu" else None)
         return box[0]
 
-    def barrier(self, what: str) -> None:
-        if self.world_size > 1:
-            with self._guard(what, None):
-                tdist.barrier()
-
     def close(self) -> None:
         if self.heart is not None:
             self.heart.stop.set()
@@ -339,13 +334,11 @@ class Dist:
             tdist.destroy_process_group()
 
 
-def setup(device_type: str, timeout_s: float = 1800.0, dry_run: bool = False) -> Dist:
-    """Read the launcher's environment, pick this rank's device and, with several ranks, join the process group
-    (a dry run only reads the world size)."""
+def setup(device_type: str, timeout_s: float = 1800.0) -> Dist:
+    """Read the launcher's environment, pick this rank's device and, with several ranks, join the process group."""
     rank, world, local = env_world()
-    if dry_run or world == 1:
-        device = torch.device("cpu") if dry_run else _device(device_type, local)
-        return Dist(rank, world, local, device, timeout_s)
+    if world == 1:
+        return Dist(rank, world, local, _device(device_type, local), timeout_s)
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise UserError(f"launcher environment: WORLD_SIZE={world} but {var} is not set; start the ranks with "

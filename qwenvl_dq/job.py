@@ -111,16 +111,25 @@ def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dic
     return files, writer.bytes_written
 
 
-def _dry_run(cfg: Config, world: int) -> None:
+def _model(cfg: Config, weights: bool = True):
+    """(source config.json, Arch, checked Checkpoint, dtype) of model_path. weights=False (the dry run) accepts a
+    folder that holds only config.json: the Checkpoint is then None."""
     src_cfg = qwen2vl.read_config(cfg.model_path)
     arch = qwen2vl.Arch.from_dict(src_cfg)
     ckpt = None
-    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(cfg.model_path)):
+    if weights or any(f.endswith((".safetensors", ".safetensors.index.json")) for f in os.listdir(cfg.model_path)):
         ckpt = Checkpoint(cfg.model_path)
         check_checkpoint(ckpt, arch)
-    dtype = model_dtype(src_cfg, ckpt)
-    layout = plan.make_plan(arch, dtype, world, cfg.max_memory_bytes, images=cfg.calib_num or 30,
-                            anti_method=cfg.anti_method)
+    return src_cfg, arch, ckpt, model_dtype(src_cfg, ckpt)
+
+
+def _plan(cfg: Config, arch: qwen2vl.Arch, dtype: torch.dtype, world: int, budget: int | None) -> plan.Plan:
+    return plan.make_plan(arch, dtype, world, budget, images=cfg.calib_num or 30, anti_method=cfg.anti_method)
+
+
+def _dry_run(cfg: Config, world: int) -> None:
+    _, arch, ckpt, dtype = _model(cfg, weights=False)
+    layout = _plan(cfg, arch, dtype, world, cfg.max_memory_bytes)
     if dist.env_world()[0] == 0:
         note = "" if ckpt else "\n(no weights in model_path: sizes from config.json)"
         print(plan.report(layout, arch, dtype) + note)
@@ -147,14 +156,8 @@ def quantize(cfg: Config) -> Summary | None:
 
 def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     seconds = {}
-    src_cfg = qwen2vl.read_config(cfg.model_path)
-    arch = qwen2vl.Arch.from_dict(src_cfg)
-    ckpt = Checkpoint(cfg.model_path)
-    check_checkpoint(ckpt, arch)
-    dtype = model_dtype(src_cfg, ckpt)
-    budget = cfg.max_memory_bytes or dist.memory_budget(d.device)
-    layout = plan.make_plan(arch, dtype, d.world_size, budget, images=cfg.calib_num or 30,
-                            anti_method=cfg.anti_method)
+    src_cfg, arch, ckpt, dtype = _model(cfg)
+    layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device))
     mine = layout.ranks[d.rank]
     if d.is_main and d.world_size > 1:
         log.info("plan:\n%s", plan.report(layout, arch, dtype))
@@ -182,7 +185,7 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     t = time.perf_counter()
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
-                            on_layer=_solved(d, mine), on_sample=_progress if d.is_main else None)
+                            on_layer=_solved(d), on_sample=_progress if d.is_main else None)
     results = calibrate.calibrate(stage, samples, n)
     read = list(ckpt.opened)
     seconds["calibrate"] = time.perf_counter() - t
@@ -208,7 +211,7 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks)
 
 
-def _solved(d: dist.Dist, mine: plan.RankPlan):
+def _solved(d: dist.Dist):
     """Log each layer this rank has finished (info on rank 0, whose log is the progress; debug elsewhere)."""
     done = []
 

@@ -34,23 +34,13 @@ class RankPlan:
     resident: bool  # holds its whole slice; else streams it layer by layer
     peak: int  # estimated peak bytes
 
-    @property
-    def num_layers(self) -> int:
-        return self.layers[1] - self.layers[0]
-
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
     ranks: tuple[RankPlan, ...]
-    vision_bytes: int  # blocks + patch embedding + merger
-    layer_bytes: tuple[int, ...]  # per decoder layer
     total_bytes: int  # every tensor of the checkpoint
     budget: int | None  # per-rank memory budget the plan was made for
     images: int
-
-    @property
-    def slices(self) -> tuple[tuple[int, int], ...]:
-        return tuple(r.layers for r in self.ranks)
 
 
 def sizes(arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[int, tuple[int, ...], int]:
@@ -129,7 +119,7 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, dtype, weights, largest, resident=False, **kw)
         ranks.append(RankPlan(r, (a, b), weights, resident, peak))
-    return Plan(tuple(ranks), vision, layers, total, budget, images)
+    return Plan(tuple(ranks), total, budget, images)
 
 
 def size(n: int) -> str:
