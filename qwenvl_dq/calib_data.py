@@ -16,7 +16,7 @@ import math
 import os
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import DEFAULT_PROMPT
 from .errors import UserError
@@ -27,6 +27,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGE_PAD = "<|image_pad|>"
 
 
+class BadImage(Exception):
+    """A calibration file that does not decode to a usable image (skipped with a warning)."""
+
+
 @dataclasses.dataclass
 class Sample:
     """One calibration sample. input_ids: [1, L]; pixel_values: [patches, C*T*P*P]; image_grid_thw: [1, 3]."""
@@ -35,6 +39,7 @@ class Sample:
     input_ids: torch.Tensor
     pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor
+    path: str = ""
 
 
 def list_images(folder: str, limit: int | None = None) -> list[str]:
@@ -106,8 +111,10 @@ class Preprocessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-            self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                           local_files_only=True)
+            self.image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                                      local_files_only=True)
         except Exception as e:
             raise UserError(f"model_path: cannot load the tokenizer/image processor of {model_path} ({e}); "
                             "it needs tokenizer files and preprocessor_config.json") from None
@@ -117,16 +124,23 @@ class Preprocessor:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.merge_size = getattr(self.image_processor, "merge_size", 2)
 
+    def pixels(self, path: str) -> dict:
+        """The image processor's output for one image file; BadImage if the file is not a usable image."""
+        try:
+            image = fetch_image(path, self.min_pixels, self.max_pixels)
+            return self.image_processor(images=[image], return_tensors="pt")
+        except Exception as e:  # a corrupt file can make PIL's decoders raise nearly anything
+            raise BadImage(f"{type(e).__name__}: {e}") from None
+
     def __call__(self, path: str, prompt: str = DEFAULT_PROMPT) -> Sample:
         messages = [{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": prompt}]}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        image = fetch_image(path, self.min_pixels, self.max_pixels)
-        vision = self.image_processor(images=[image], return_tensors="pt")
+        vision = self.pixels(path)
         grid = vision["image_grid_thw"]
         n = int(grid[0].prod()) // self.merge_size**2
         text = text.replace(IMAGE_PAD, "<|placeholder|>" * n, 1).replace("<|placeholder|>", IMAGE_PAD)
         ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
-        return Sample(os.path.basename(path), ids, vision["pixel_values"], grid)
+        return Sample(os.path.basename(path), ids, vision["pixel_values"], grid, path)
 
 
 def load_samples(folder: str, model_path: str, *, limit: int | None = None, prompt: str = DEFAULT_PROMPT,
@@ -134,13 +148,20 @@ def load_samples(folder: str, model_path: str, *, limit: int | None = None, prom
                  trust_remote_code: bool = False) -> list[Sample]:
     """One Sample per readable image of `folder`; unreadable ones are skipped with a warning naming them."""
     pre = Preprocessor(model_path, trust_remote_code, min_pixels, max_pixels)
+    return read_samples(pre, folder, list_images(folder), limit, prompt)
+
+
+def read_samples(pre: Preprocessor, folder: str, paths: list[str], limit: int | None = None,
+                 prompt: str = DEFAULT_PROMPT) -> list[Sample]:
+    """Samples of the image files `paths` of `folder` in order, at most `limit`, skipping (with a warning that
+    names them) the files that are not usable images; a UserError when none is left."""
     samples, bad = [], []
-    for path in list_images(folder):
+    for path in paths:
         if limit and len(samples) == limit:
             break
         try:
             samples.append(pre(path, prompt))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except BadImage as e:
             log.warning("calib_images: skipping %s, it is not a readable image (%s)", path, e)
             bad.append(path)
     if not samples:

@@ -31,6 +31,7 @@ from . import qwen2vl
 from .calib_data import Sample
 from .checkpoint import Checkpoint
 from .dist import Dist
+from .journal import Journal
 from . import smooth
 from .observers import ActObserver, Reservoir
 
@@ -119,9 +120,17 @@ def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tens
             setattr(mod, k, nn.Parameter(v, requires_grad=False))
 
 
+def _smoothing_part(results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in results.items() if k.rpartition(".")[2] in smooth.KEYS}
+
+
 @dataclasses.dataclass
 class Layer:
-    """One vision block or decoder layer of a rank's stage and its observers through the sweeps."""
+    """One vision block or decoder layer of a rank's stage and its observers through the sweeps.
+
+    With a journal, every result is saved as soon as it is known, and what a stopped run saved is used instead of
+    solving again: a layer with its final results runs forward only (its saved factors folded in before the
+    smoothed sweep); one with only its factors skips the statistics sweep's observers and the search."""
 
     kind: str  # "vision" or "decoder"
     prefix: str  # checkpoint prefix, "visual.blocks.3." or "model.layers.7."
@@ -130,9 +139,23 @@ class Layer:
     act_method: str
     anti_method: str
     arch: qwen2vl.Arch
+    journal: Journal | None = None
     observers: dict = dataclasses.field(default_factory=dict)
     reservoirs: dict | None = None
     hooks: list = dataclasses.field(default_factory=list)
+    results: dict = dataclasses.field(default_factory=dict)
+    saved: dict | None = None  # from the journal: every result of this unit
+    factors: dict | None = None  # from the journal: its anti-outlier factors only
+
+    def __post_init__(self):
+        if self.journal is not None:
+            self.saved = self.journal.load(self.prefix, "final")
+            if self.saved is None and self.sweeps == 2:
+                self.factors = self.journal.load(self.prefix, "smooth")
+
+    @property
+    def restored(self) -> bool:
+        return self.saved is not None
 
     @property
     def groups(self):
@@ -145,24 +168,42 @@ class Layer:
     def start(self, sweep: int, n_samples: int, state: dict) -> None:
         """Attach this sweep's observers (and, in the statistics sweep before smoothing, the token reservoirs)."""
         self.reservoirs = None
-        if sweep == 0 and self.sweeps == 2:
+        self.observers, self.hooks = {}, []
+        statistics = sweep == 0 and self.sweeps == 2
+        if self.saved is not None or (statistics and self.factors is not None):
+            return  # what these observers would feed is in the journal
+        if statistics:
             self.reservoirs = {tuple(self.prefix + n for n in g.linears): Reservoir(n_samples)
                                for g in qwen2vl.smooth_groups(self.kind, self.anti_method)}
         self.observers, self.hooks = observe(self.module, self.prefix, self.groups, state, self.reservoirs)
 
     def finish(self, sweep: int, calls: list) -> dict[str, torch.Tensor]:
-        """Detach; after the statistics sweep solve and fold the smoothing factors, after the last solve the
-        activation qparams. Returns this sweep's results."""
+        """Detach; after the statistics sweep solve (or restore) and fold the smoothing factors, after the last
+        sweep the activation qparams. Returns the unit's results after the last sweep, else {}."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        out = {}
         if sweep == 0 and self.sweeps == 2:
-            out = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch, self.observers,
-                                  self.reservoirs, calls)
-            apply_smoothing(self.module, self.prefix, out)
+            if self.saved is not None:
+                factors = _smoothing_part(self.saved)
+            elif self.factors is not None:
+                factors = self.factors
+            else:
+                factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
+                                          self.observers, self.reservoirs, calls)
+                if self.journal is not None:
+                    self.journal.save(self.prefix, "smooth", factors)
+            apply_smoothing(self.module, self.prefix, factors)
+            self.results.update(factors)
+        out = {}
         if sweep == self.sweeps - 1:
-            out.update(solve(self.observers, self.act_method))
+            if self.saved is not None:
+                self.results = dict(self.saved)
+            else:
+                self.results.update(solve(self.observers, self.act_method))
+                if self.journal is not None:
+                    self.journal.save(self.prefix, "final", self.results)
+            out = self.results
         self.observers, self.reservoirs = {}, None
         return out
 
@@ -179,8 +220,9 @@ class Stage:
     resident: bool
     act_method: str
     anti_method: str = "none"
-    on_layer: Callable | None = None
+    on_layer: Callable | None = None  # on_layer(prefix, restored) when a unit's results are known
     on_sample: Callable | None = None
+    journal: Journal | None = None
 
     @property
     def sweeps(self) -> int:
@@ -190,7 +232,8 @@ class Stage:
         return self.ckpt.get(name).to(self.d.device)
 
     def units(self) -> list[Layer]:
-        kw = dict(sweeps=self.sweeps, act_method=self.act_method, anti_method=self.anti_method, arch=self.arch)
+        kw = dict(sweeps=self.sweeps, act_method=self.act_method, anti_method=self.anti_method, arch=self.arch,
+                  journal=self.journal)
         out = []
         if self.d.is_main:
             out += [Layer("vision", qwen2vl.VISION_BLOCK.format(i=i), m, **kw)
@@ -208,10 +251,9 @@ def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: tor
                                  stage.d.device)
 
 
-def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
+def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
     """The whole slice loaded; each sweep streams the samples through it one at a time (pipeline)."""
     d, model = stage.d, stage.model
-    units = stage.units()
     results: dict[str, torch.Tensor] = {}
     vision = [u for u in units if u.kind == "vision"]
     decoder = [u for u in units if u.kind == "decoder"]
@@ -250,12 +292,13 @@ def run_resident(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str
                     d.send([h, positions[k]], d.rank + 1, f"sample {k} of sweep {sweep + 1}")
                 if stage.on_sample:
                     stage.on_sample(sweep, k, n)
-            if sweep == 0 and stage.sweeps == 2:
-                log.info("searching the %s factors of this rank's %d layers", stage.anti_method, len(units))
+            searching = [u for u in units if u.saved is None and u.factors is None]
+            if sweep == 0 and stage.sweeps == 2 and searching:
+                log.info("searching the %s factors of this rank's %d layers", stage.anti_method, len(searching))
             for u in units:
                 results.update(u.finish(sweep, vcalls if u.kind == "vision" else dcalls))
                 if sweep == stage.sweeps - 1 and stage.on_layer:
-                    stage.on_layer(u.prefix)
+                    stage.on_layer(u.prefix, u.restored)
         d.wait_sends()
     finally:
         for m in [u.module for u in units] + ([patch_embed, merger] if d.is_main else []):
@@ -278,14 +321,14 @@ def _layer_major(stage: Stage, u: Layer, chains: list[list[torch.Tensor]], calls
     finally:
         qwen2vl.release(u.module)
     if stage.on_layer:
-        stage.on_layer(u.prefix)
+        stage.on_layer(u.prefix, u.restored)
     return results
 
 
-def run_layer_major(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
+def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | None,
+                    n: int) -> dict[str, torch.Tensor]:
     """One layer loaded at a time, every sample's hidden states (one chain per sweep) kept at one depth."""
     d, model = stage.d, stage.model
-    units = stage.units()
     results: dict[str, torch.Tensor] = {}
     if d.is_main:
         stage.live("visual.patch_embed.")
@@ -327,5 +370,14 @@ def run_layer_major(stage: Stage, samples: list[Sample] | None, n: int) -> dict[
 def calibrate(stage: Stage, samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
     """This rank's results: activation qparams of the W8A8 linears it holds and their anti-outlier factors.
     samples: rank 0's calibration samples (None elsewhere); n: their number."""
+    units = stage.units()
+    if stage.d.agree(all(u.restored for u in units), "whether every layer is in the journal"):
+        log.info("every layer's results are in the journal: calibration skipped")
+        results = {}
+        for u in units:
+            results.update(u.saved)
+            if stage.on_layer:
+                stage.on_layer(u.prefix, True)
+        return results
     run = run_resident if stage.resident else run_layer_major
-    return run(stage, samples, n)
+    return run(stage, units, samples, n)

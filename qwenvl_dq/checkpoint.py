@@ -25,9 +25,18 @@ DTYPES = {
 }
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def read_header(path: str, role: str = "model_path") -> tuple[dict, int]:
-    """The JSON header of one safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked for sanity,
-    and the file offset where the tensor data starts."""
+    """The JSON header of one safetensors file, {name: {"dtype", "shape", "data_offsets"}}, checked as strictly as
+    the safetensors library checks it (every entry well formed, the tensors tiling the data area exactly), and the
+    file offset where the tensor data starts."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{role}: {path} is not a valid safetensors file ({why}); the shard is corrupt, "
+                         "re-download it")
+
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -38,25 +47,42 @@ def read_header(path: str, role: str = "model_path") -> tuple[dict, int]:
             if n > min(size - 8, 100 << 20):
                 raise ValueError(f"header length {n} runs past the end of the file ({size} bytes)")
             header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise UserError(f"{role}: {path} is not a readable safetensors file ({e}); "
                         "re-download this shard") from None
-    header.pop("__metadata__", None)
-    end = 0
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("its __metadata__ is not a map of strings")
+    spans = []
     for name, info in header.items():
         if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
-            raise UserError(f"{role}: {path} has a bad entry for tensor {name!r}; re-download this shard")
-        begin, stop = info["data_offsets"]
+            raise bad(f"tensor {name!r} has no known dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}")
         count = 1
-        for d in info["shape"]:
+        for d in shape:
             count *= d
+        begin, stop = offsets
         if stop - begin != count * torch.empty(0, dtype=DTYPES[info["dtype"]]).element_size():
-            raise UserError(f"{role}: {path}: tensor {name!r} has {stop - begin} bytes for shape {info['shape']}; "
-                            "the shard is corrupt, re-download it")
-        end = max(end, stop)
+            raise bad(f"tensor {name!r} has {stop - begin} bytes for shape {shape}")
+        spans.append((begin, stop, name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise bad(f"tensor {name!r} starts at data byte {begin}, where {end} was expected: tensors overlap "
+                      "or leave a gap")
+        end = stop
     if 8 + n + end > size:
         raise UserError(f"{role}: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
                         "re-download this shard")
+    if 8 + n + end < size:
+        raise bad(f"{size - 8 - n - end} bytes follow its last tensor")
     return header, 8 + n
 
 
@@ -78,8 +104,12 @@ class Checkpoint:
             try:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{role}: cannot read {index} ({e}); restore the index file") from None
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+                raise UserError(f"{role}: cannot read {index} ({type(e).__name__}: {e}); restore the index file") \
+                    from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{role}: {index} has no weight_map of tensor names to file names; "
+                                "restore the index file")
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(single):
             files = [os.path.basename(single)]
@@ -94,6 +124,9 @@ class Checkpoint:
         for fname in files:
             header, data_start = read_header(self._path(fname), role)
             for name, info in header.items():
+                if name in self.entries:
+                    raise UserError(f"{role}: tensor {name!r} is in both {self.entries[name][0]} and {fname}; "
+                                    "the shards are from different downloads, re-download them")
                 begin, stop = info["data_offsets"]
                 self.entries[name] = (fname, DTYPES[info["dtype"]], tuple(info["shape"]), data_start + begin,
                                       stop - begin)
@@ -118,10 +151,14 @@ class Checkpoint:
         return index, single
 
     def _path(self, fname: str) -> str:
-        path = os.path.realpath(os.path.join(self.model_path, fname))
-        root = os.path.realpath(self.model_path)
-        if os.path.dirname(path) != root:
-            raise UserError(f"{self.role}: the index names {fname!r}, which lies outside {self.model_path}")
+        if not fname or "\0" in fname:
+            raise UserError(f"{self.role}: the index names the file {fname!r}, which is not a file name; "
+                            "restore the index file")
+        # confined by name, not by where a link points: a Hugging Face cache snapshot is a folder of links to blobs
+        if os.path.isabs(fname) or ".." in fname.replace("\\", "/").split("/"):
+            raise UserError(f"{self.role}: the index names {fname!r}, which lies outside {self.model_path}; "
+                            "restore the index file")
+        path = os.path.join(self.model_path, fname)
         if not os.path.isfile(path):
             raise UserError(f"{self.role}: the index names {fname}, which is missing from {self.model_path}; "
                             "download the missing shard")

@@ -9,12 +9,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import signal
 import sys
 
 from .config import ACT_METHODS, ANTI_METHODS, DEFAULT_PROMPT, DEVICE_TYPES, LOG_LEVELS, OUTPUT_FORMATS, Config
-from .errors import RankLost, UserError
+from .errors import RankLost, Stopped, UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line like every other user error: `error: part_file_size: 0 must be ...`."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument --(\w+)(/-\w+)?: ", r"\1: ", message)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def str2bool(v: str) -> bool:
@@ -78,7 +89,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--dist_timeout", type=float, default=1800.0, metavar="SECONDS",
                       help="how long a rank waits for another before the run stops with an error naming it "
                            "(default: %(default)s)")
-    ours.add_argument("--overwrite", action="store_true", help="replace a non-empty save_directory")
+    ours.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier output (complete or not) in save_directory; a directory holding "
+                           "anything else is never deleted")
+    ours.add_argument("--resume", action="store_true",
+                      help="continue a run that stopped (crash, Ctrl-C, lost rank, full disk): layers it solved are "
+                           "taken from save_directory/.qwenvl_dq/ and the output is byte-identical to an "
+                           "uninterrupted run; refused if the model, images or flags differ")
     add_log_level(ours)
 
 
@@ -101,6 +118,21 @@ def user_error(e, log_level: str, code: int = 2) -> int:
         logging.exception("failed")
     print(f"error: {e}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM and SIGHUP (torchrun's agent, a batch scheduler, a closed terminal) raise Stopped in the main thread,
+    so they unwind like Ctrl-C: temporary files removed, the other ranks told, the journal kept."""
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def config_from_args(a: argparse.Namespace) -> Config:
@@ -130,16 +162,21 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(cmd[0], cmd)
+    resume = "run the same command with --resume to continue from the layers already solved"
     try:
-        summary = job.quantize(cfg)
+        with stop_signals():
+            summary = job.quantize(cfg)
     except UserError as e:
         return user_error(e, cfg.log_level)
     except RankLost as e:
-        return user_error(f"{e}; the output directory is left marked INCOMPLETE", cfg.log_level, code=3)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was completed; an output directory, if one was started, holds an INCOMPLETE "
-              "file and no description json", file=sys.stderr)
-        return 130
+        return user_error(f"{e}; the output directory is left marked INCOMPLETE: {resume}", cfg.log_level, code=3)
+    except KeyboardInterrupt as e:
+        name = e.signal_name if isinstance(e, Stopped) else "SIGINT"
+        if cfg.log_level == "debug":
+            logging.exception("stopped")
+        print(f"stopped by {name}: the output directory, if it was started, is marked INCOMPLETE and holds no "
+              f"description json; {resume}", file=sys.stderr)
+        return 128 + getattr(signal, name)
     if summary is not None and summary.files:
         print(f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
               f"{summary.bytes_written / 2**20:.2f} MiB of weights "
@@ -200,14 +237,14 @@ def run_evaluate(a: argparse.Namespace) -> int:
 
 
 def seed_parser(prog: str = "quant_qwen2vl.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Quantize a Qwen2-VL model to W8A8 static int8 "
+    p = Parser(prog=prog, description="Quantize a Qwen2-VL model to W8A8 static int8 "
                                 "(msModelSlim layout), layer by layer.")
     add_quantize_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="qwenvl-dq", description="Qwen2-VL W8A8 quantization.")
+    p = Parser(prog="qwenvl-dq", description="Qwen2-VL W8A8 quantization.")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a Qwen2-VL checkpoint to W8A8")
     add_quantize_args(q)

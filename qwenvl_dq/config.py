@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
+from . import outdir
 from .errors import UserError
 
 ANTI_METHODS = ("m2", "m4", "none")
@@ -37,6 +39,7 @@ class Config:
     output_format: str = "mindie"
     dry_run: bool = False
     overwrite: bool = False
+    resume: bool = False
     log_level: str = "info"
     dist_timeout: float = 1800.0
     max_memory: float | None = None  # GiB per rank
@@ -75,21 +78,22 @@ class Config:
         if self.ranks is not None and (self.ranks < 1 or not self.dry_run):
             raise UserError(f"ranks: {self.ranks}: --ranks N (N >= 1) plans for N ranks and goes with --dry_run; "
                             "a real run takes its ranks from the launcher (launcher/torchrun.sh)")
+        try:
+            os.stat(self.model_path)
+        except FileNotFoundError:
+            hub = re.fullmatch(r"[\w.-]+/[\w.-]+", self.model_path) is not None
+            hint = (" (qwenvl-dq never downloads: fetch the model first, e.g. huggingface-cli download "
+                    f"{self.model_path} --local-dir DIR, and pass DIR)" if hub else "")
+            raise UserError(f"model_path: {self.model_path} does not exist{hint}; pass the float Qwen2-VL model "
+                            "folder") from None
+        except OSError as e:
+            raise UserError(f"model_path: {self.model_path} cannot be read ({e.strerror}); check its permissions") \
+                from None
         if not os.path.isdir(self.model_path):
             raise UserError(f"model_path: {self.model_path} is not a directory; pass the float Qwen2-VL model folder")
         if not os.access(self.model_path, os.R_OK | os.X_OK):
             raise UserError(f"model_path: {self.model_path} is not readable; check its permissions")
-        if not main:
+        if not main or self.dry_run:
             return self
-        src = os.path.realpath(self.model_path)
-        dst = os.path.realpath(self.save_directory)
-        if dst == src or dst.startswith(src + os.sep):
-            raise UserError(f"save_directory: {self.save_directory} is inside model_path {self.model_path}; "
-                            "choose a directory outside the source model, which is never written to")
-        if os.path.isfile(self.save_directory):
-            raise UserError(f"save_directory: {self.save_directory} is a file; pass a directory")
-        if not self.dry_run and os.path.isdir(self.save_directory) and os.listdir(self.save_directory) \
-                and not self.overwrite:
-            raise UserError(f"save_directory: {self.save_directory} is not empty; "
-                            "pass --overwrite to replace it, or choose an empty directory")
+        outdir.check(self.save_directory, self.model_path, self.overwrite, self.resume)
         return self

@@ -59,8 +59,9 @@ def _device(device_type: str, local_rank: int) -> torch.device:
     else:
         return torch.device("cpu")
     if local_rank >= count:
+        ranks = f"{count} rank{'s' if count > 1 else ''}"
         raise UserError(f"device_type: local rank {local_rank} needs card {local_rank}, but only {count} "
-                        f"{device_type} devices are visible; start at most {count} ranks per host")
+                        f"{device_type} devices are visible; start at most {ranks} per host")
     return torch.device(device_type, local_rank)
 
 
@@ -239,7 +240,8 @@ class Dist:
             return RankLost(f"rank {self.rank} stopped while {doing} because another rank failed: "
                             + "; ".join(others))
         if "timed out" in text.lower() or "timeout" in text.lower():
-            return RankLost(f"rank {peer} did not answer within --dist_timeout {self.timeout_s:g} s while rank "
+            who = "a rank" if peer is None else f"rank {peer}"
+            return RankLost(f"{who} did not answer within --dist_timeout {self.timeout_s:g} s while rank "
                             f"{self.rank} was {doing}; it is alive but stuck (raise --dist_timeout if it is only "
                             "slow)")
         return RankLost(f"rank {self.rank}: {doing} failed: {text}")
@@ -324,6 +326,15 @@ class Dist:
         with self._guard(f"waiting for {what} from rank 0" if self.rank else f"sending {what} to every rank", 0):
             tdist.broadcast_object_list(box, 0, device=self.device if self.device.type != "cpu" else None)
         return box[0]
+
+    def agree(self, flag: bool, what: str) -> bool:
+        """Whether `flag` holds on every rank (a bounded wait for all of them)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+        with self._guard(f"agreeing on {what}", None):
+            tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t.item())
 
     def close(self) -> None:
         if self.heart is not None:

@@ -12,3 +12,12 @@ class UserError(Exception):
 class RankLost(Exception):
     """Another rank of a multi-rank run died, hung or failed; the message names it. The CLI prints it as one line
     and exits non-zero; the output directory stays marked INCOMPLETE."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) turned into an exception, so a stop runs the same clean-up as Ctrl-C: temporary files are
+    removed, the other ranks are told, the output stays marked INCOMPLETE and the journal keeps the solved layers."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -27,7 +27,8 @@ from . import calib_data, int8, qwen2vl
 from .checkpoint import Checkpoint
 from .config import DEFAULT_PROMPT
 from .errors import UserError
-from .job import INCOMPLETE, model_dtype
+from .job import model_dtype
+from .outdir import INCOMPLETE
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,9 @@ def copy_side_files(model_path: str, out_dir: str) -> list[str]:
     for name in names:
         dst = os.path.join(out_dir, name)
         tmp = dst + ".qwenvl_dq_tmp"
-        shutil.copyfile(os.path.join(model_path, name), tmp)
+        with open(os.path.join(model_path, name), "rb") as src, \
+                os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, JSON_MODE), "wb") as dst_f:
+            shutil.copyfileobj(src, dst_f)
         os.chmod(tmp, JSON_MODE)
         os.replace(tmp, dst)
     return names

@@ -1,7 +1,8 @@
 """One quantization run: plan -> calibrate -> solve -> merge -> write, with the output directory kept honest.
 
-The output directory is complete only when its description json exists: it is written last. Until then an
-INCOMPLETE file says what is going on, parts live under temporary names, and a failure removes what it can.
+The output directory is complete only when its description json exists and INCOMPLETE is gone: the json is written
+last, then the marker and the journal are removed. Until then INCOMPLETE says what is going on, parts live under
+temporary names, and every solved layer is in the journal (.qwenvl_dq/), which --resume picks up.
 """
 
 from __future__ import annotations
@@ -9,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 
 import torch
 
-from . import allocator, calib_data, calibrate, dist, export_mindie, merge, plan, qwen2vl
+from . import allocator, calib_data, calibrate, dist, export_mindie, journal, merge, outdir, plan, qwen2vl
 from .checkpoint import Checkpoint
 from .config import ACT_METHODS, Config
 from .errors import UserError
@@ -22,7 +22,6 @@ from .writer import PartWriter, write_json
 
 log = logging.getLogger(__name__)
 
-INCOMPLETE = "INCOMPLETE"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -58,28 +57,9 @@ def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
                             f"{list(shape)}; the weights and config.json are from different models")
 
 
-def prepare_output(save_directory: str) -> None:
-    """Create the output directory (750). A non-empty one (Config.validate let it through: --overwrite was given)
-    first stops looking complete, then is emptied."""
-    if os.path.isdir(save_directory) and os.listdir(save_directory):
-        for desc in ("quant_model_description_w8a8.json", "quant_model_description.json"):
-            if os.path.exists(os.path.join(save_directory, desc)):
-                os.remove(os.path.join(save_directory, desc))
-        for name in os.listdir(save_directory):
-            path = os.path.join(save_directory, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    os.makedirs(save_directory, exist_ok=True)
-    os.chmod(save_directory, export_mindie.DIR_MODE)
-    with open(os.path.join(save_directory, INCOMPLETE), "w") as f:
-        f.write("qwenvl-dq is writing this directory, or was stopped before it finished: do not use it.\n"
-                "It is complete when quant_model_description*.json exists and this file is gone.\n")
-
-
 def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
                  results: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+    """Every output file; the description json last, then the marker and the journal go."""
     out = cfg.save_directory
     specs = merge.output_specs(ckpt, arch, dtype)
     writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes)
@@ -107,8 +87,38 @@ def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dic
                                                                          cfg.mindie_format),
                export_mindie.JSON_MODE, indent=2)
     files.append(desc)
-    os.remove(os.path.join(out, INCOMPLETE))
+    outdir.finish(out)
     return files, writer.bytes_written
+
+
+def output_bytes(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, dtype: torch.dtype) -> int:
+    """What the output will take on disk: its tensors and copied files, plus room for the part headers and the
+    index and description json (1 MiB and 0.1%)."""
+    tensors = sum(s.nbytes for s in merge.output_specs(ckpt, arch, dtype))
+    side = sum(os.path.getsize(os.path.join(cfg.model_path, f)) for f in export_mindie.side_files(cfg.model_path))
+    return tensors + side + (1 << 20) + tensors // 1000
+
+
+def _start_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[list, str]:
+    """Rank 0, before any heavy work: the calibration samples, the space check, the journal's fingerprint (checked
+    against the stopped run's when resuming), and the output directory made ready and marked INCOMPLETE.
+    Returns (samples, fingerprint digest)."""
+    out = cfg.save_directory
+    got = outdir.check(out, cfg.model_path, cfg.overwrite, cfg.resume)
+    keep = cfg.resume and got.kind == "incomplete"
+    outdir.check_space(out, output_bytes(cfg, ckpt, arch, dtype), outdir.reclaimable(out, got, keep))
+    samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num, prompt=cfg.prompt,
+                                      min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                      trust_remote_code=cfg.trust_remote_code)
+    fp = journal.fingerprint(cfg, ckpt.files, [s.path for s in samples])
+    if keep:
+        journal.check_fingerprint(out, fp)
+    elif cfg.resume:
+        log.info("resume: %s holds no unfinished run; starting from the beginning", out)
+    outdir.prepare(out, got, keep_state=keep)
+    with outdir.disk_errors(out, "writing the journal"):
+        journal.write_fingerprint(out, fp)
+    return samples, journal.digest(fp)
 
 
 def _model(cfg: Config, weights: bool = True):
@@ -144,9 +154,11 @@ def quantize(cfg: Config) -> Summary | None:
     if cfg.dry_run:
         _dry_run(cfg, cfg.ranks or world)
         return None
+    source = _model(cfg)  # a bad checkpoint, or more ranks than layers, stops every rank before they join
+    _plan(cfg, source[1], source[3], world, None)
     d = dist.setup(cfg.device_type, cfg.dist_timeout)
     try:
-        return _quantize(cfg, d, t0)
+        return _quantize(cfg, d, t0, source)
     except BaseException as e:
         d.post_error(str(e) or type(e).__name__)
         raise
@@ -154,9 +166,9 @@ def quantize(cfg: Config) -> Summary | None:
         d.close()
 
 
-def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
+def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     seconds = {}
-    src_cfg, arch, ckpt, dtype = _model(cfg)
+    src_cfg, arch, ckpt, dtype = source
     layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device))
     mine = layout.ranks[d.rank]
     if d.is_main and d.world_size > 1:
@@ -164,18 +176,15 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     samples = None
     if d.is_main:
         try:
-            samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num,
-                                              prompt=cfg.prompt, min_pixels=cfg.min_pixels,
-                                              max_pixels=cfg.max_pixels, trust_remote_code=cfg.trust_remote_code)
+            samples, digest = _start_output(cfg, ckpt, arch, dtype)
         except UserError as e:
-            d.broadcast_object(("error", str(e)), "the calibration images")
+            d.broadcast_object(("error", str(e), None), "the calibration images")
             raise
-        d.broadcast_object(("samples", len(samples)), "the calibration images")
+        d.broadcast_object(("samples", len(samples), digest), "the calibration images")
         log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
-        prepare_output(cfg.save_directory)
         n = len(samples)
     else:
-        what, n = d.broadcast_object(None, "the calibration images")
+        what, n, digest = d.broadcast_object(None, "the calibration images")
         if what == "error":
             raise UserError(f"rank 0: {n}")
     seconds["plan"] = time.perf_counter() - t0
@@ -183,10 +192,14 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
     peaks = {"plan": allocator.peak_rss()}
     allocator.reset_peak()
     t = time.perf_counter()
+    jour = journal.Journal(cfg.save_directory, digest, cfg.resume)
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
-                            on_layer=_solved(d), on_sample=_progress if d.is_main else None)
-    results = calibrate.calibrate(stage, samples, n)
+                            on_layer=_solved(d), on_sample=_progress if d.is_main else None, journal=jour)
+    with outdir.disk_errors(cfg.save_directory, "saving solved layers to the journal"):
+        results = calibrate.calibrate(stage, samples, n)
+    if jour.restored:
+        log.info("resume: %d results of this rank's layers came from the journal", jour.restored)
     read = list(ckpt.opened)
     seconds["calibrate"] = time.perf_counter() - t
     del model, stage
@@ -203,7 +216,8 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float) -> Summary:
 
     allocator.reset_peak()
     t = time.perf_counter()
-    files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
+    with outdir.disk_errors(cfg.save_directory, "writing the output"):
+        files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
     seconds["write"] = time.perf_counter() - t
     peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
@@ -215,10 +229,10 @@ def _solved(d: dist.Dist):
     """Log each layer this rank has finished (info on rank 0, whose log is the progress; debug elsewhere)."""
     done = []
 
-    def on_layer(prefix: str) -> None:
+    def on_layer(prefix: str, restored: bool = False) -> None:
         done.append(prefix)
-        log.log(logging.INFO if d.is_main else logging.DEBUG, "solved %s (%d of this rank's layers)",
-                prefix.rstrip("."), len(done))
+        log.log(logging.INFO if d.is_main else logging.DEBUG, "%s %s (%d of this rank's layers)",
+                "restored from the journal:" if restored else "solved", prefix.rstrip("."), len(done))
     return on_layer
 
 

@@ -203,7 +203,8 @@ def quantized_linears(arch: Arch) -> list[str]:
 
 def load_hf_config(model_path: str, trust_remote_code: bool):
     try:
-        return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code,
+                                                       local_files_only=True)
     except Exception as e:  # transformers raises many types for a bad config
         raise UserError(f"model_path: transformers cannot read {model_path}/config.json ({e})") from None
 

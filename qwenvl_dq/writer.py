@@ -106,7 +106,9 @@ class PartWriter:
     def _open(self, k: int):
         if k not in self._files:
             header, offsets = _header(self.parts[k], self.metadata)
-            f = open(os.path.join(self.out_dir, self.names[k] + TMP_SUFFIX), "wb")
+            fd = os.open(os.path.join(self.out_dir, self.names[k] + TMP_SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+            f = os.fdopen(fd, "wb")
             f.write(header)
             self._files[k] = (f, len(header), offsets)
         return self._files[k]
@@ -155,7 +157,7 @@ class PartWriter:
 def write_json(path: str, obj, mode: int = 0o600, indent: int = 4) -> None:
     """Write json to a temporary name, fsync, rename (so the file is whole or absent)."""
     tmp = path + TMP_SUFFIX
-    with open(tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
         f.flush()
         os.fsync(f.fileno())

@@ -25,6 +25,22 @@ def tiny_fp16(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def five_layers(tmp_path_factory):
+    """5 decoder layers: 2 and 3 ranks split them unevenly."""
+    return make_tiny_qwen2vl.build(str(tmp_path_factory.mktemp("models") / "tiny5"), ["--num_hidden_layers", "5"])
+
+
+def many_images(folder, copies):
+    """A calibration folder of `copies` x the bundled photos (symlinks), for runs that must last a while."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(copies):
+        for f in sorted(os.listdir(CALIB)):
+            if f.endswith(".jpg"):
+                os.symlink(os.path.join(CALIB, f), os.path.join(folder, f"{i:02d}_{f}"))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def calib_dir():
     return CALIB
 

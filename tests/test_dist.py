@@ -10,19 +10,12 @@ import time
 import pytest
 import torch
 
-import make_tiny_qwen2vl
-from conftest import CALIB, ROOT, dir_hashes, one_rank, run_ranks, start_ranks
+from conftest import CALIB, ROOT, dir_hashes, many_images, one_rank, run_ranks, start_ranks
 from qwenvl_dq import calib_data, calibrate, plan, qwen2vl
 from qwenvl_dq.checkpoint import Checkpoint
 from qwenvl_dq.errors import UserError
 
 PROBE = os.path.join(ROOT, "tests", "rank_probe.py")
-
-
-@pytest.fixture(scope="module")
-def five_layers(tmp_path_factory):
-    """5 decoder layers: 2 and 3 ranks split them unevenly."""
-    return make_tiny_qwen2vl.build(str(tmp_path_factory.mktemp("models") / "tiny5"), ["--num_hidden_layers", "5"])
 
 
 def seed_flags(model, out, *extra):
@@ -89,14 +82,10 @@ def test_each_rank_reads_only_its_own_layers_once(five_layers, tmp_path):
 
 
 def test_a_killed_rank_stops_every_other_rank_with_its_name(five_layers, tmp_path):
-    calib = tmp_path / "calib"  # enough samples that rank 1 dies mid-calibration
-    calib.mkdir()
-    for i in range(12):
-        for f in sorted(os.listdir(CALIB)):
-            os.symlink(os.path.join(CALIB, f), calib / f"{i:02d}_{f}")
+    calib = many_images(tmp_path / "calib", 12)  # enough samples that rank 1 dies mid-calibration
     out = tmp_path / "o"
     argv = seed_flags(five_layers, out, "--anti_method", "m2", "--dist_timeout", "30")
-    argv[argv.index("--calib_images") + 1] = str(calib)
+    argv[argv.index("--calib_images") + 1] = calib
     argv[argv.index("--calib_num") + 1] = "48"
     procs = start_ranks(3, argv)
     lines = []  # rank 0's log, read as it comes
