@@ -79,15 +79,20 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
         mods = [layer.get_submodule(n) for n in g.linears]
         row0, rows, tie = qwen2vl.v_layout(kind, arch) if g.v_rows else (0, 0, None)
         xs = [x for *_, x in windows]
-        if g.output == "attention":  # attention runs window by window, each with its own rotary tables
+        output_of = None
+        if g.output == "attention":  # attention runs on each window with its own rotary tables
             win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
+            output = qwen2vl.group_output(kind, layer, g, win_calls)
+
+            def output_of(keep, win_calls=win_calls, g=g):
+                return qwen2vl.group_output(kind, layer, g, [win_calls[i] for i in keep])
         else:  # token-wise outputs: one matrix of every window's tokens
-            xs, win_calls = [torch.cat(xs)], []
+            xs, output = [torch.cat(xs)], qwen2vl.group_output(kind, layer, g, [])
         problem = smooth.Problem(
             x=xs, ch_min=obs.ch_min, ch_max=obs.ch_max,
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
-            output=qwen2vl.group_output(kind, layer, g, win_calls), tie=tie)
+            output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of)
         shift = None
         if method == "m2" and g.has_bias:
             shift = smooth.m2_shift(obs.ch_min, obs.ch_max)
@@ -110,14 +115,25 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
     return out
 
 
-def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tensor]) -> None:
-    """Fold the factors into the live layer's parameters, rounded to their dtype exactly as the merge saves them."""
+def compute_dtype(device_type: str, model_dtype: torch.dtype) -> torch.dtype:
+    """What calibration computes in. A CPU without bf16/fp16 units emulates them (measured here: a bf16 matmul runs
+    at a third of float32's speed), so on cpu the saved values are computed on in float32; a card computes in the
+    model dtype."""
+    return torch.float32 if device_type == "cpu" else model_dtype
+
+
+def apply_smoothing(layer: nn.Module, prefix: str, factors: dict[str, torch.Tensor],
+                    saved: torch.dtype | None = None) -> None:
+    """Fold the factors into the live layer's parameters, rounded to the saved dtype exactly as the merge saves them
+    (the live parameters hold saved values, in the compute dtype)."""
     for name, mod in layer.named_modules():
         f = smooth.module_factors(factors, prefix + name)
         if not f:
             continue
-        for k, v in smooth.fold(dict(mod.named_parameters(recurse=False)), f).items():
-            setattr(mod, k, nn.Parameter(v, requires_grad=False))
+        params = dict(mod.named_parameters(recurse=False))
+        folded = smooth.fold({k: v.to(saved or v.dtype) for k, v in params.items()}, f)
+        for k, v in folded.items():
+            setattr(mod, k, nn.Parameter(v.to(params[k].dtype), requires_grad=False))
 
 
 def _smoothing_part(results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,6 +155,7 @@ class Layer:
     act_method: str
     anti_method: str
     arch: qwen2vl.Arch
+    dtype: torch.dtype | None = None  # the saved (model) dtype; None: the live parameters' own
     journal: Journal | None = None
     observers: dict = dataclasses.field(default_factory=dict)
     reservoirs: dict | None = None
@@ -193,7 +210,7 @@ class Layer:
                                           self.observers, self.reservoirs, calls)
                 if self.journal is not None:
                     self.journal.save(self.prefix, "smooth", factors)
-            apply_smoothing(self.module, self.prefix, factors)
+            apply_smoothing(self.module, self.prefix, factors, self.dtype)
             self.results.update(factors)
         out = {}
         if sweep == self.sweeps - 1:
@@ -223,17 +240,45 @@ class Stage:
     on_layer: Callable | None = None  # on_layer(prefix, restored) when a unit's results are known
     on_sample: Callable | None = None
     journal: Journal | None = None
+    dtype: torch.dtype | None = None  # the saved (model) dtype; None: the live parameters' own
+    compute: torch.dtype | None = None  # what the live layers hold and run in (compute_dtype); None: the saved one
 
     @property
     def sweeps(self) -> int:
         return 1 if self.anti_method == "none" else 2
 
     def read(self, name: str) -> torch.Tensor:
-        return self.ckpt.get(name).to(self.d.device)
+        t = self.ckpt.get(name)
+        return t.to(self.d.device, self.compute) if self.compute and t.is_floating_point() else t.to(self.d.device)
+
+    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        t = self.ckpt.rows(name, ids)
+        return t.to(self.compute) if self.compute else t
+
+    def up(self, h: torch.Tensor) -> torch.Tensor:
+        """Activations into the compute dtype."""
+        return h.to(self.compute) if self.compute else h
+
+    def down(self, h: torch.Tensor) -> torch.Tensor:
+        """Activations between layers (and on the wire) are kept in the saved dtype, as the model runs."""
+        return h.to(self.dtype) if self.dtype else h
+
+    def step(self, u: "Layer", h: torch.Tensor, call) -> torch.Tensor:
+        """One unit on one sample's hidden states."""
+        return self.down(u.run(u.module, self.up(h), call))
+
+    def prefix(self, s: Sample) -> tuple[torch.Tensor, tuple]:
+        """Rank 0: a sample's patch embeddings (kept in the saved dtype) and its vision blocks' call."""
+        h, call = qwen2vl.vision_prefix(self.model, s.pixel_values.to(self.d.device),
+                                        s.image_grid_thw.to(self.d.device))
+        return self.down(h), call
+
+    def call(self, h: torch.Tensor, positions: torch.Tensor):
+        return qwen2vl.decoder_call(self.model, self.up(h), positions)
 
     def units(self) -> list[Layer]:
         kw = dict(sweeps=self.sweeps, act_method=self.act_method, anti_method=self.anti_method, arch=self.arch,
-                  journal=self.journal)
+                  dtype=self.dtype, journal=self.journal)
         out = []
         if self.d.is_main:
             out += [Layer("vision", qwen2vl.VISION_BLOCK.format(i=i), m, **kw)
@@ -247,8 +292,8 @@ class Stage:
 
 
 def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: torch.Tensor) -> torch.Tensor:
-    return qwen2vl.decoder_input(stage.ckpt.rows, sample.input_ids, merger(vision_out), stage.arch.image_token_id,
-                                 stage.d.device)
+    return stage.down(qwen2vl.decoder_input(stage.rows, sample.input_ids, merger(stage.up(vision_out)),
+                                            stage.arch.image_token_id, stage.d.device))
 
 
 def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
@@ -274,10 +319,9 @@ def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None,
                 state["k"] = k
                 if d.is_main:
                     s = samples[k]
-                    h, vcalls[k] = qwen2vl.vision_prefix(model, s.pixel_values.to(d.device),
-                                                         s.image_grid_thw.to(d.device))
+                    h, vcalls[k] = stage.prefix(s)
                     for u in vision:
-                        h = u.run(u.module, h, vcalls[k])
+                        h = stage.step(u, h, vcalls[k])
                     if positions[k] is None:
                         positions[k] = qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw,
                                                           stage.arch.image_token_id)
@@ -285,9 +329,9 @@ def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None,
                 else:
                     h, positions[k] = d.recv(d.rank - 1, f"sample {k} of sweep {sweep + 1}")
                 if dcalls[k] is None:
-                    dcalls[k] = qwen2vl.decoder_call(model, h, positions[k])
+                    dcalls[k] = stage.call(h, positions[k])
                 for u in decoder:
-                    h = u.run(u.module, h, dcalls[k])
+                    h = stage.step(u, h, dcalls[k])
                 if not d.is_last:
                     d.send([h, positions[k]], d.rank + 1, f"sample {k} of sweep {sweep + 1}")
                 if stage.on_sample:
@@ -316,7 +360,7 @@ def _layer_major(stage: Stage, u: Layer, chains: list[list[torch.Tensor]], calls
             u.start(sweep, len(hiddens), state)
             for k in range(len(hiddens)):
                 state["k"] = k
-                hiddens[k] = u.run(u.module, hiddens[k], calls[k])
+                hiddens[k] = stage.step(u, hiddens[k], calls[k])
             results.update(u.finish(sweep, calls))
     finally:
         qwen2vl.release(u.module)
@@ -334,7 +378,7 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
         stage.live("visual.patch_embed.")
         hv, vcalls = [], []
         for s in samples:
-            h, call = qwen2vl.vision_prefix(model, s.pixel_values.to(d.device), s.image_grid_thw.to(d.device))
+            h, call = stage.prefix(s)
             hv.append(h)
             vcalls.append(call)
         qwen2vl.release(qwen2vl.vision_tower(model).patch_embed)
@@ -354,7 +398,7 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
             got = [d.recv(d.rank - 1, f"sample {k} of sweep {sweep + 1}") for k in range(n)]
             chains.append([h for h, _ in got])
             positions = [p for _, p in got]
-    calls = [qwen2vl.decoder_call(model, h, p) for h, p in zip(chains[0], positions)]
+    calls = [stage.call(h, p) for h, p in zip(chains[0], positions)]
     for u in units:
         if u.kind == "decoder":
             results.update(_layer_major(stage, u, chains, calls))

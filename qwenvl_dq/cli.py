@@ -185,9 +185,12 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
             size = os.path.getsize(os.path.join(summary.save_directory, f))
             print(f"  {f}  {size:,} bytes")
         print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.seconds.items()))
-        if summary.peak_rss:
-            print("peak memory (rank 0): " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
-                                                      for k, v in summary.peak_rss.items()))
+        for rank, peaks in [(0, summary.peak_rss)] + [(r, o["peak_rss"]) for r, o in sorted(summary.ranks.items())]:
+            if peaks:
+                print(f"peak memory (rank {rank}): " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
+        read = summary.bytes_read + sum(o["bytes_read"] for o in summary.ranks.values())
+        print(f"read {read / 2**20:.1f} MiB of {summary.source_bytes / 2**20:.1f} MiB of source tensors "
+              f"(all ranks), wrote {summary.bytes_written / 2**20:.1f} MiB of weights")
     return 0
 
 

@@ -36,6 +36,7 @@ class Summary:
     tensors_read: list[str] = dataclasses.field(default_factory=list)  # during calibration
     bytes_read: int = 0  # in all
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)  # phase -> peak resident bytes
+    ranks: dict[int, dict] = dataclasses.field(default_factory=dict)  # rank 0 only: other ranks' peak_rss, bytes_read
 
 
 def model_dtype(src_cfg: dict, ckpt: Checkpoint | None) -> torch.dtype:
@@ -110,6 +111,8 @@ def _start_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, dtype: torc
     samples = calib_data.load_samples(cfg.calib_images, cfg.model_path, limit=cfg.calib_num, prompt=cfg.prompt,
                                       min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                       trust_remote_code=cfg.trust_remote_code)
+    for s in samples:  # the vision tower reads pixels in the model dtype: keep them so (half the memory of float32)
+        s.pixel_values = s.pixel_values.to(dtype)
     fp = journal.fingerprint(cfg, ckpt.files, [s.path for s in samples])
     if keep:
         journal.check_fingerprint(out, fp)
@@ -134,7 +137,8 @@ def _model(cfg: Config, weights: bool = True):
 
 
 def _plan(cfg: Config, arch: qwen2vl.Arch, dtype: torch.dtype, world: int, budget: int | None) -> plan.Plan:
-    return plan.make_plan(arch, dtype, world, budget, images=cfg.calib_num or 30, anti_method=cfg.anti_method)
+    return plan.make_plan(arch, dtype, world, budget, images=cfg.calib_num or 30, anti_method=cfg.anti_method,
+                          compute=calibrate.compute_dtype(cfg.device_type, dtype))
 
 
 def _dry_run(cfg: Config, world: int) -> None:
@@ -193,9 +197,11 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     allocator.reset_peak()
     t = time.perf_counter()
     jour = journal.Journal(cfg.save_directory, digest, cfg.resume)
-    model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), dtype, d.device)
+    compute = calibrate.compute_dtype(d.device.type, dtype)
+    model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), compute, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
-                            on_layer=_solved(d), on_sample=_progress if d.is_main else None, journal=jour)
+                            on_layer=_solved(d), on_sample=_progress if d.is_main else None, journal=jour,
+                            dtype=dtype, compute=compute)
     with outdir.disk_errors(cfg.save_directory, "saving solved layers to the journal"):
         results = calibrate.calibrate(stage, samples, n)
     if jour.restored:
@@ -205,11 +211,13 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     del model, stage
     peaks["calibrate"] = allocator.peak_rss()
     if not d.is_main:
-        d.send_object(results, 0, "this rank's results")
+        d.send_object((results, {"peak_rss": peaks, "bytes_read": ckpt.bytes_read}), 0, "this rank's results")
         return Summary(cfg.save_directory, [], 0, 0, seconds, d.rank, read, ckpt.bytes_read, peaks)
     t = time.perf_counter()
+    others = {}
     for r in range(1, d.world_size):
-        results.update(d.recv_object(r, f"rank {r}'s results"))
+        got, others[r] = d.recv_object(r, f"rank {r}'s results")
+        results.update(got)
     seconds["gather"] = time.perf_counter() - t
     log.info("calibration done in %.1f s: %d results from %d ranks; merging", seconds["calibrate"], len(results),
              d.world_size)
@@ -222,7 +230,8 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
-    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks)
+    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks,
+                   others)
 
 
 def _solved(d: dist.Dist):

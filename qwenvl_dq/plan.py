@@ -92,6 +92,7 @@ def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int
 
 def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_layers: int, resident: bool,
           images: int, smoothing: bool, main: bool) -> int:
+    """dtype: what the live layers hold and compute in; weights and largest: their bytes in it."""
     el = torch.empty(0, dtype=dtype).element_size()
     work = TOKENS * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
     # token reservoirs (float32) of the smoothed groups: q/k/v and gate/up read `hidden`, o_proj reads heads * dim
@@ -106,18 +107,22 @@ def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_
 
 
 def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: int | None = None,
-              images: int = 30, anti_method: str = "m2") -> Plan:
+              images: int = 30, anti_method: str = "m2", compute: torch.dtype | None = None) -> Plan:
+    """compute: what calibration holds and runs the layers in (calibrate.compute_dtype); default the model dtype."""
     vision, layers, total = sizes(arch, dtype)
     slices = partition(vision, layers, world_size)
     smoothing = anti_method != "none"
-    largest = max(layers)
+    compute = compute or dtype
+    widen = torch.empty(0, dtype=compute).element_size() / torch.empty(0, dtype=dtype).element_size()
+    largest = int(max(layers) * widen)
     ranks = []
     for r, (a, b) in enumerate(slices):
         weights = sum(layers[a:b]) + (vision if r == 0 else 0)
+        held = int(weights * widen)
         kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0)
-        resident_peak = _peak(arch, dtype, weights, largest, resident=True, **kw)
+        resident_peak = _peak(arch, compute, held, largest, resident=True, **kw)
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
-        peak = resident_peak if resident else _peak(arch, dtype, weights, largest, resident=False, **kw)
+        peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)
         ranks.append(RankPlan(r, (a, b), weights, resident, peak))
     return Plan(tuple(ranks), total, budget, images)
 

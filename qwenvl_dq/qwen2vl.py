@@ -396,6 +396,55 @@ def window_call(call, start: int, end: int):
     return args, out
 
 
+def _join(values: list, axis: int):
+    """Concatenate per-window values (tensors, or tuples of them such as (cos, sin)) along `axis`."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values, dim=axis)
+    if isinstance(first, tuple):
+        return tuple(_join([v[i] for v in values], axis) for i in range(len(first)))
+    return first
+
+
+BATCH_TOKENS = 512  # tokens per batched attention call (4.46's vision attention masks the whole batch)
+
+
+def batch_windows(kind: str, calls: list) -> list[tuple[list[int], tuple]]:
+    """Group window calls (window_call) into batched calls: [(window indices, call)], so a search scores many
+    windows per module call. Decoder windows of one length are stacked along the batch axis (each stays its own
+    causal sequence); vision windows are joined into one sequence whose cu_seqlens keeps them apart."""
+    lengths = []
+    for _, kw in calls:
+        cos = kw.get("position_embeddings", kw.get("rotary_pos_emb"))
+        lengths.append(int((cos[0] if isinstance(cos, tuple) else cos).shape[-2]))
+    batches: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        same = [b for b in batches if (kind == "vision" or lengths[b[0]] == n)
+                and sum(lengths[j] for j in b) + n <= max(BATCH_TOKENS, n)]
+        if same:
+            same[-1].append(i)
+        else:
+            batches.append([i])
+    out = []
+    for b in batches:
+        parts = [calls[i][1] for i in b]
+        kwargs = {}
+        for k, v in parts[0].items():
+            if k == "cu_seqlens":
+                n = torch.tensor([0] + [lengths[i] for i in b], dtype=v.dtype, device=v.device)
+                kwargs[k] = n.cumsum(0).to(v.dtype)
+            elif k == "max_seqlen":
+                kwargs[k] = max(lengths[i] for i in b)
+            elif kind == "vision":
+                kwargs[k] = _join([p[k] for p in parts], -2)  # the sequence axis
+            elif k == "position_ids" and isinstance(v, torch.Tensor):
+                kwargs[k] = _join([p[k] for p in parts], -2)  # [3, B, L]: the batch axis
+            else:
+                kwargs[k] = _join([p[k] for p in parts], -3)  # cos/sin [(3,) B, L, D]: the batch axis
+        out.append((b, (calls[b[0]][0], kwargs)))
+    return out
+
+
 def _as_float(v):
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.float()
@@ -405,9 +454,10 @@ def _as_float(v):
 
 
 def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
-    """f(xs, ws, bs) -> one float32 output per window: the group output the searches measure, computed by the
-    live layer's own modules (rotary, heads, masks and activation of the installed transformers) with the given
-    weights. calls[i] is window i's call (window_call)."""
+    """f(xs, ws, bs) -> float32 outputs: the group output the searches measure, computed by the live layer's own
+    modules (rotary, heads, masks and activation of the installed transformers) with the given weights. Token-wise
+    outputs: one per x. Attention: calls[i] is window i's call (window_call), xs[i] its tokens, and the windows are
+    run in batches (batch_windows), one output per batch."""
     if group.output == "linear":
         return lambda xs, ws, bs: [torch.nn.functional.linear(x, ws[0], bs[0]) for x in xs]
     if group.output == "gated_mlp":
@@ -420,9 +470,11 @@ def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
     attn_name, out_name = ATTENTION[kind]
     attn = layer.get_submodule(attn_name)
     leaves = [n[len(attn_name) + 1:] for n in group.linears]
-    float_calls = [(_as_float(a), {k: _as_float(v) for k, v in kw.items()}) for a, kw in calls]
+    batches = [(idx, (_as_float(a), {k: _as_float(v) for k, v in kw.items()}))
+               for idx, (a, kw) in batch_windows(kind, calls)]
 
     def attention(xs, ws, bs):
+        """xs: the windows, in the order of calls; one output per batch of windows."""
         params = {}
         for leaf, w, b in zip(leaves, ws, bs):
             params[leaf + ".weight"] = w
@@ -432,11 +484,11 @@ def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
         setattr(attn, out_name, nn.Identity())
         try:
             outs = []
-            for x, (args, kwargs) in zip(xs, float_calls):
-                h = x if kind == "vision" else x[None]
+            for idx, (args, kwargs) in batches:
+                h = torch.cat([xs[i] for i in idx]) if kind == "vision" else torch.stack([xs[i] for i in idx])
                 o = torch.func.functional_call(attn, params, (h, *args), kwargs, strict=False)
                 o = o[0] if isinstance(o, tuple) else o
-                outs.append(o.reshape(x.shape[0], -1).float())
+                outs.append(o.reshape(-1, o.shape[-1]).float())
             return outs
         finally:
             setattr(attn, out_name, out_proj)

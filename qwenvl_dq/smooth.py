@@ -16,17 +16,26 @@ act(fc1) for the vision norm2 -> fc1; the linear itself for v -> o), Q_w is per-
 (per-channel min/max over every token / s). x is the group's token reservoir: windows of every calibration
 sample, not one sample.
 
+Scoring every candidate on the whole reservoir is most of a run's time, so each search scores its candidates in two
+steps (_pick). First every candidate is scored on a proxy of the group: a fixed, evenly spread subset of at most
+PROXY_TOKENS tokens (PROXY_WINDOW_TOKENS, in whole windows, for attention) and, for token-wise outputs, of at most
+PROXY_ROWS output rows of each linear. Its loss is an exact partial sum of the full one: a row's int8 weight
+depends on that row alone, and the activation range always comes from every token's exact range. Then the FINALISTS
+best of them, and the unsmoothed candidate, are scored on the whole group, and the lowest of those wins. A group no
+larger than the proxy is scored whole, candidate by candidate.
+
 m2, Outlier Suppression+ (Wei et al. 2023) as msModelSlim applies it to Qwen2-VL, with all samples:
     shift (LayerNorm groups only): z_j = (max_j + min_j) / 2 over every calibration token;
     range r_j = max(max_j - z_j, z_j - min_j);
     candidates t on a geometric grid of M2_GRID points from max_j r_j (s = 1: no smoothing) down to min_j r_j
     (below it every channel is scaled in proportion, which quantizes the same);
-    s_j(t) = max(1, r_j / t); the first t with the lowest loss wins.
+    s_j(t) = max(1, r_j / t); the first t with the lowest loss wins (of the finalists, for a large group).
 m4, iterative SmoothQuant migration (real here; msModelSlim 26.1.0's m4 changes nothing on Qwen2-VL):
     repeat up to M4_ROUNDS times on the already-smoothed group:
         a_j = max |x_j| (exact, over every token), w_j = max over the group's rows of |W[:, j]|;
         s_j(alpha) = max(a_j^alpha / w_j^(1 - alpha), 1e-5) for alpha in M4_ALPHAS;
-        take the alpha with the lowest loss; apply it if that loss is below the current one, else stop.
+        take the alpha with the lowest loss (of the finalists); apply it if that loss is below the current one,
+        else stop.
     The result is the product of the applied s. Channels tied together (grouped-query heads for v -> o: every
     query head of one kv head shares v's rows) are reduced to one factor per tie by max before the formula.
 """
@@ -44,6 +53,10 @@ M2_GRID = 100
 M4_ALPHAS = tuple(i / 20 for i in range(21))
 M4_ROUNDS = 5
 SCALE_FLOOR = 1e-5
+PROXY_TOKENS = 512  # token-wise outputs
+PROXY_WINDOW_TOKENS = 256  # attention: whole windows, each a sequence with every head
+PROXY_ROWS = 256
+FINALISTS = 2
 
 # result keys (suffixes of a module prefix) and what they fold into
 NORM_SCALE, NORM_SHIFT = "smooth_scale", "smooth_shift"  # norm: weight / s, (bias - z) / s
@@ -61,7 +74,9 @@ class Problem:
 
     x: the reservoir windows of the input, each [tokens, C]; ch_min/ch_max: exact per-channel range over every
     calibration token [C]; weights/biases: the group's linears ([out_i, C], [out_i] or None); output(xs, ws, bs)
-    gives the group output per window; tie: [C] channel -> factor index, or None for one factor per channel."""
+    gives the group output; tie: [C] channel -> factor index, or None for one factor per channel.
+    rowwise: output row i depends on row i of each linear only (token-wise outputs: its rows may be subset);
+    output_of(keep): the output function of windows `keep` alone (attention: its windows may be subset)."""
 
     x: list[torch.Tensor]
     ch_min: torch.Tensor
@@ -70,6 +85,8 @@ class Problem:
     biases: list[torch.Tensor | None]
     output: Output
     tie: torch.Tensor | None = None
+    rowwise: bool = False
+    output_of: Callable[[list[int]], Output] | None = None
 
     @property
     def tokens(self) -> int:
@@ -119,6 +136,52 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     return err / max(1, p.tokens)
 
 
+def _spread(n: int, k: int) -> torch.Tensor:
+    """k distinct indices spread evenly over range(n) (k <= n)."""
+    return torch.arange(k) * n // k
+
+
+def proxy(p: Problem) -> Problem:
+    """The group cut down to at most PROXY_TOKENS tokens (PROXY_WINDOW_TOKENS for attention) and, for row-wise
+    outputs, PROXY_ROWS rows per linear;
+    p itself when it is no larger. The per-channel range (hence the activation quantizer) stays the full one."""
+    q = p
+    if p.rowwise:
+        rows = p.weights[0].shape[0]
+        if rows > PROXY_ROWS and all(w.shape[0] == rows for w in p.weights):
+            keep = _spread(rows, PROXY_ROWS)
+            q = dataclasses.replace(q, weights=[w[keep] for w in q.weights],
+                                    biases=[None if b is None else b[keep] for b in q.biases])
+        if q.tokens > PROXY_TOKENS:
+            x = torch.cat(q.x)
+            q = dataclasses.replace(q, x=[x[_spread(x.shape[0], PROXY_TOKENS)]])
+    elif p.output_of is not None and p.tokens > PROXY_WINDOW_TOKENS and len(p.x) > 1:
+        k = max(1, round(len(p.x) * PROXY_WINDOW_TOKENS / p.tokens))
+        keep = _spread(len(p.x), k).tolist()
+        q = dataclasses.replace(q, x=[p.x[i] for i in keep], output=p.output_of(keep), output_of=None)
+    return q
+
+
+def _pick(p: Problem, candidates: list[torch.Tensor], always: int | None = None,
+          want: list[torch.Tensor] | None = None) -> tuple[int, list[float], dict[int, float]]:
+    """The candidate (index) with the lowest loss on p, found in two steps (module docstring): returns (index,
+    every candidate's score (the proxy's loss, or p's when p is the proxy), {finalist: p's loss}). `always` is
+    a candidate that is always a finalist; ties go to the lower index."""
+    q = proxy(p)
+    want = target(p) if want is None else want
+    if q is p:
+        scores = [loss(p, want, s) for s in candidates]
+        full = dict(enumerate(scores))
+    else:
+        q_want = target(q)
+        scores = [loss(q, q_want, s) for s in candidates]
+        order = sorted(range(len(candidates)), key=lambda i: (scores[i], i))
+        finalists = set(order[:FINALISTS]) | ({always} if always is not None else set())
+        full = {i: loss(p, want, candidates[i]) for i in sorted(finalists)}
+    best = min(full, key=lambda i: (full[i], i))
+    return best, scores, full
+
+
 def _per_factor(v: torch.Tensor, tie: torch.Tensor | None) -> torch.Tensor:
     """Reduce per-channel values to one per tie group (max); identity without ties."""
     if tie is None:
@@ -146,14 +209,14 @@ def m2_scale(r: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def m2_search(p: Problem, n: int = M2_GRID) -> tuple[torch.Tensor, list[float], torch.Tensor]:
-    """OS+ scale search on an (already shifted) group: returns (s [C], losses per grid point, grid)."""
+    """OS+ scale search on an (already shifted) group: returns (s [C], the score of every grid point (_pick),
+    grid)."""
     r = torch.maximum(p.ch_max, -p.ch_min).double()
     r = _per_factor(r, p.tie)
     grid = m2_grid(r, n)
-    want = target(p)
-    losses = [loss(p, want, _expand(m2_scale(r, float(t)), p.tie)) for t in grid]
-    best = min(range(len(losses)), key=losses.__getitem__)  # the first of equal minima
-    return _expand(m2_scale(r, float(grid[best])), p.tie), losses, grid
+    candidates = [_expand(m2_scale(r, float(t)), p.tie) for t in grid]
+    best, scores, _ = _pick(p, candidates, always=0)  # grid[0]: no smoothing
+    return candidates[best], scores, grid
 
 
 def m4_candidate(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -165,22 +228,21 @@ def m4_candidate(a: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor
 def m4_search(p: Problem, alphas: Sequence[float] = M4_ALPHAS,
               rounds: int = M4_ROUNDS) -> tuple[torch.Tensor, list[tuple[float, float]]]:
     """Iterative smooth: returns (s [C], [(alpha, loss) of each applied round])."""
-    want = target(p)
+    want = target(p)  # smoothing leaves the float output as it is: one target for every round
     total = torch.ones_like(p.ch_max)
     current = loss(p, want, total)
     history = []
     for _ in range(rounds):
         a = _per_factor(torch.maximum(p.ch_max, -p.ch_min), p.tie)
         w = _per_factor(torch.stack([x.abs().amax(dim=0) for x in p.weights]).amax(dim=0), p.tie)
-        tried = [(loss(p, want, _expand(m4_candidate(a, w, al), p.tie)), al) for al in alphas]
-        best_loss, best_alpha = min(tried, key=lambda lt: lt[0])
-        if not best_loss < current:
+        candidates = [_expand(m4_candidate(a, w, al), p.tie) for al in alphas]
+        best, _, full = _pick(p, candidates, want=want)
+        if not full[best] < current:
             break
-        s = _expand(m4_candidate(a, w, best_alpha), p.tie)
-        p = scaled(p, s)
-        total = total * s
-        current = best_loss
-        history.append((best_alpha, best_loss))
+        p = scaled(p, candidates[best])
+        total = total * candidates[best]
+        current = full[best]
+        history.append((alphas[best], full[best]))
     return total, history
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quality of none / m2 / m4 on the tiny outlier model, ours and (when available) msModelSlim's, in one table.
 
-    scripts/quality.sh [--out DIR] [--no_reference] [--calib30] [--model_args "MAKE_TINY FLAGS"]
+    scripts/quality.sh [--out DIR] [--no_reference] [--calib30] [--images30] [--model_args "MAKE_TINY FLAGS"]
 
 1. builds the tiny Qwen2-VL (scripts/make_tiny_qwen2vl.py: random weights with injected outlier channels),
 2. quantizes it with qwenvl-dq for --anti_method none, m2 and m4 on calibImages/ (MindIE layout),
@@ -44,7 +44,7 @@ def ours(model: str, out: str, method: str, images: str = CALIB) -> float:
     return time.perf_counter() - t
 
 
-def reference(model: str, work: str, method: str) -> tuple[str, str] | None:
+def reference(model: str, work: str, method: str, images: str = CALIB) -> tuple[str, str] | None:
     """msModelSlim's output dir and its timing line, or None (with the reason printed) when it cannot run."""
     scratch = os.path.join(work, f"ref_{method}")
     os.makedirs(scratch, exist_ok=True)
@@ -52,7 +52,7 @@ def reference(model: str, work: str, method: str) -> tuple[str, str] | None:
     m, imgs = os.path.join(scratch, "model"), os.path.join(scratch, "images")
     if not os.path.isdir(m):
         shutil.copytree(model, m)
-        shutil.copytree(CALIB, imgs)
+        shutil.copytree(images, imgs)
         for root, dirs, files in os.walk(scratch):
             for n in dirs + files:
                 os.chmod(os.path.join(root, n), 0o750)
@@ -96,6 +96,8 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "out", "quality"))
     p.add_argument("--no_reference", action="store_true", help="leave out msModelSlim's rows")
     p.add_argument("--calib30", action="store_true", help="also time calibration on 30 images")
+    p.add_argument("--images30", action="store_true",
+                   help="calibrate every run (ours and msModelSlim's) on the 30 variants instead of the 4 photos")
     p.add_argument("--model_args", default="", help="extra make_tiny_qwen2vl.py flags for a larger model, e.g. "
                    "'--hidden_size 512 --intermediate_size 1408 --num_hidden_layers 4'")
     a = p.parse_args()
@@ -104,22 +106,26 @@ def main() -> int:
     os.makedirs(out)
 
     model = make_tiny_qwen2vl.build(os.path.join(out, "tiny-qwen2vl"), a.model_args.split())
+    images, count = CALIB, 4
+    if a.images30:
+        images, count = os.path.join(out, "images30"), 30
+        calib30(CALIB, images)
     runs, notes = [], []
     for method in ("none", "m2", "m4"):
         d = os.path.join(out, f"qwenvl-dq_{method}")
-        secs = ours(model, d, method)
+        secs = ours(model, d, method, images)
         runs.append((f"ours {method}", d))
-        notes.append(f"ours {method}: quantized in {secs:.1f} s (4 images)")
+        notes.append(f"ours {method}: quantized in {secs:.1f} s ({count} images)")
     if not a.no_reference:
         for method in ("m2", "m4"):
-            got = reference(model, out, method)
+            got = reference(model, out, method, images)
             if got:
                 runs.append((f"msModelSlim {method}", got[0]))
                 notes.append(f"msModelSlim {method}: {got[1]}")
     report = evaluate.evaluate(model, runs, HELDOUT)
     evaluate.write_report(report, os.path.join(out, "report.json"))
     evaluate.plot(report, os.path.join(out, "report.png"))
-    print(f"tiny outlier Qwen2-VL {a.model_args or '(default sizes)'}, calibrated on calibImages/ (4), "
+    print(f"tiny outlier Qwen2-VL {a.model_args or '(default sizes)'}, calibrated on {count} images, "
           f"evaluated on tests/data/heldout "
           f"({len(report['samples'])} images, {report['tokens']} tokens)")
     print(evaluate.table(report))
