@@ -42,18 +42,19 @@ class Sample:
     path: str = ""
 
 
-def list_images(folder: str, limit: int | None = None) -> list[str]:
-    """Image files of a folder, sorted by name (the calibration order), at most `limit`."""
+def list_images(folder: str, limit: int | None = None, role: str = "calib_images") -> list[str]:
+    """Image files of a folder, sorted by name (the calibration order), at most `limit`. role: the flag named in
+    error messages."""
     if not os.path.isdir(folder):
-        raise UserError(f"calib_images: {folder} is not a directory; pass --calib_images a folder of images")
+        raise UserError(f"{role}: {folder} is not a directory; pass --{role} a folder of images")
     try:
         names = sorted(os.listdir(folder))
     except OSError as e:
-        raise UserError(f"calib_images: cannot list {folder} ({e.strerror}); check its permissions") from None
+        raise UserError(f"{role}: cannot list {folder} ({e.strerror}); check its permissions") from None
     files = [os.path.join(folder, n) for n in names
              if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(folder, n))]
     if not files:
-        raise UserError(f"calib_images: {folder} holds no image files (looked for {' '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"{role}: {folder} holds no image files (looked for {' '.join(IMAGE_SUFFIXES)})")
     return files[:limit] if limit else files
 
 

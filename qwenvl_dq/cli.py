@@ -2,6 +2,7 @@
 
     qwenvl-dq quantize --model_path M --save_directory OUT [--calib_images DIR] [--mindie_format] ...
     qwenvl-dq evaluate --model_path M --quantized OUT [OUT ...] --images HELDOUT [--report r.json]
+    qwenvl-dq inspect OUT
     python -m qwenvl_dq quantize ...
     python scripts/quant_qwen2vl.py ...        (the same flags, no subcommand)
 """
@@ -51,26 +52,35 @@ def positive_gb(v: str) -> float:
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     seed = p.add_argument_group("the reference script's flags (same names, meanings and defaults)")
-    seed.add_argument("--model_path", required=True, help="float Qwen2-VL weight directory (required)")
+    seed.add_argument("--model_path", required=True,
+                      help="the float Qwen2-VL weight directory (config.json + safetensors); required")
     seed.add_argument("--calib_images", default="../calibImages",
-                      help="folder of calibration images; 30 COCO images recommended (default: %(default)s)")
-    seed.add_argument("--save_directory", required=True, help="where the quantized weights are written (required)")
+                      help="folder of calibration images, used in name order; the bundled examples come from COCO: "
+                           "extend them to 30 images for accuracy, or use images of your own use case "
+                           "(default: %(default)s)")
+    seed.add_argument("--save_directory", required=True, help="where the quantized weights are written; required")
     seed.add_argument("--part_file_size", type=positive_gb, default=None,
-                      help="max size of one weight file in GB (2^30 bytes; fractions allowed); "
-                           "default: one file")
-    seed.add_argument("--w_bit", type=int, default=8, help="weight bits; only 8 (default: %(default)s)")
-    seed.add_argument("--a_bit", type=int, default=8, help="activation bits; only 8 (default: %(default)s)")
+                      help="max size of one quantized weight file in GB (2^30 bytes; fractions allowed) "
+                           "(default: None, no limit: one weight file)")
+    seed.add_argument("--w_bit", type=int, default=8,
+                      help="weight quantization bits; Qwen2-VL supports 8 (default: %(default)s)")
+    seed.add_argument("--a_bit", type=int, default=8,
+                      help="activation quantization bits; Qwen2-VL supports 8 (default: %(default)s)")
     seed.add_argument("--device_type", default="npu", choices=DEVICE_TYPES,
-                      help="device that runs calibration (default: %(default)s)")
+                      help="device type calibration runs on; npu and cuda run one rank per visible card "
+                           "(default: %(default)s)")
     seed.add_argument("--trust_remote_code", type=str2bool, nargs="?", const=True, default=False,
-                      help="allow code from the model directory to run (True/False; default: %(default)s)")
+                      help="trust custom code in the model directory (True/False); make sure it comes from a "
+                           "reliable source (default: %(default)s)")
     seed.add_argument("--anti_method", default="m2", choices=ANTI_METHODS,
-                      help="outlier suppression: m2 (multimodal Outlier Suppression+), m4 (iterative smooth), "
-                           "none (default: %(default)s)")
+                      help="outlier suppression: m2 (Outlier Suppression Plus, optimised for multimodal "
+                           "understanding models), m4 (Iterative Smooth), none (default: %(default)s)")
     seed.add_argument("--mindie_format", action="store_true",
-                      help="write the MindIE-compatible description json and config.json")
+                      help="make the saved weights' description json and config.json compatible with current "
+                           "MindIE versions (default: off)")
     ours = p.add_argument_group("qwenvl-dq options")
-    ours.add_argument("--calib_num", type=int, default=None, help="use only the first N images (sorted by name)")
+    ours.add_argument("--calib_num", type=int, default=None,
+                      help="use only the first N images, sorted by name (default: all)")
     add_prompt_args(ours)
     ours.add_argument("--act_method", default="histogram", choices=list(ACT_METHODS),
                       help="static activation range: histogram (the reference's act_method=2) or minmax "
@@ -79,7 +89,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                       help="output layout (default: %(default)s)")
     ours.add_argument("--dry_run", action="store_true",
                       help="print which rank holds which layers and each rank's estimated peak memory; "
-                           "reads config.json (and safetensors headers if present), loads no weights")
+                           "reads config.json (and safetensors headers if present), loads no weights (default: off)")
     ours.add_argument("--ranks", type=int, default=None,
                       help="with --dry_run: plan for N ranks (default: the launcher's WORLD_SIZE, else 1)")
     ours.add_argument("--max_memory", type=float, default=None, metavar="GIB",
@@ -91,20 +101,29 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                            "(default: %(default)s)")
     ours.add_argument("--overwrite", action="store_true",
                       help="replace an earlier output (complete or not) in save_directory; a directory holding "
-                           "anything else is never deleted")
+                           "anything else is never deleted (default: off)")
     ours.add_argument("--resume", action="store_true",
                       help="continue a run that stopped (crash, Ctrl-C, lost rank, full disk): layers it solved are "
                            "taken from save_directory/.qwenvl_dq/ and the output is byte-identical to an "
-                           "uninterrupted run; refused if the model, images or flags differ")
+                           "uninterrupted run; refused if the model, images or flags differ (default: off)")
     add_log_level(ours)
+    ours.add_argument("--evaluate_images", default=None, metavar="DIR",
+                      help="held-out images (not the calibration ones): once the output is written, run it next to "
+                           "the float model on them and add the quality figures to the summary, as qwenvl-dq "
+                           "evaluate does (default: off)")
+    ours.add_argument("--quiet", action="store_true",
+                      help="no progress bars and no progress log lines, only warnings, errors and the final "
+                           "summary (default: off; bars show only on a terminal)")
 
 
 def add_prompt_args(p) -> None:
     """How each image becomes a model input (quantize and evaluate alike)."""
     p.add_argument("--prompt", default=DEFAULT_PROMPT,
                    help="text that follows each image in the prompt (default: %(default)r)")
-    p.add_argument("--min_pixels", type=int, default=None, help="smallest image area after resizing")
-    p.add_argument("--max_pixels", type=int, default=None, help="largest image area after resizing")
+    p.add_argument("--min_pixels", type=int, default=None,
+                   help="smallest image area in pixels after resizing (default: qwen_vl_utils' 3136)")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="largest image area in pixels after resizing (default: qwen_vl_utils' 12845056)")
 
 
 def add_log_level(p) -> None:
@@ -139,11 +158,11 @@ def config_from_args(a: argparse.Namespace) -> Config:
     return Config(**{f: getattr(a, f) for f in Config.__dataclass_fields__})
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, quiet: bool = False) -> None:
     """Log lines carry the rank; progress (info) shows on rank 0 only, other ranks show warnings and errors
-    unless --log_level debug."""
+    unless --log_level debug; --quiet keeps warnings and errors only."""
     rank = os.environ.get("RANK", "0")
-    if rank != "0" and level == "info":
+    if (rank != "0" or quiet) and level == "info":
         level = "warning"
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -154,7 +173,7 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
     from . import dist, job
 
     cfg = config_from_args(a)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.quiet)
     cmd = None if cfg.dry_run else dist.launch_command(cfg.device_type, entry, argv)
     if cmd is not None:
         logging.info("%s cards visible: starting one rank per card: %s (to use one card, make only it visible, "
@@ -177,32 +196,78 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
         print(f"stopped by {name}: the output directory, if it was started, is marked INCOMPLETE and holds no "
               f"description json; {resume}", file=sys.stderr)
         return 128 + getattr(signal, name)
-    if summary is not None and summary.files:
-        print(f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
-              f"{summary.bytes_written / 2**20:.2f} MiB of weights "
-              f"({summary.source_bytes / max(summary.bytes_written, 1):.2f}x smaller than the source)")
-        for f in summary.files:
-            size = os.path.getsize(os.path.join(summary.save_directory, f))
-            print(f"  {f}  {size:,} bytes")
-        print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.seconds.items()))
-        for rank, peaks in [(0, summary.peak_rss)] + [(r, o["peak_rss"]) for r, o in sorted(summary.ranks.items())]:
-            if peaks:
-                print(f"peak memory (rank {rank}): " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()))
-        read = summary.bytes_read + sum(o["bytes_read"] for o in summary.ranks.values())
-        print(f"read {read / 2**20:.1f} MiB of {summary.source_bytes / 2**20:.1f} MiB of source tensors "
-              f"(all ranks), wrote {summary.bytes_written / 2**20:.1f} MiB of weights")
+    if summary is None or not summary.files:
+        return 0  # a dry run, or a rank other than 0
+    report = None
+    if cfg.evaluate_images is not None:
+        from . import evaluate
+
+        logging.info("evaluating %s on %s", cfg.save_directory, cfg.evaluate_images)
+        try:
+            report = evaluate.evaluate(cfg.model_path, [("quantized", cfg.save_directory)], cfg.evaluate_images,
+                                       prompt=cfg.prompt, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
+                                       device=dist.device_for(cfg.device_type),
+                                       trust_remote_code=cfg.trust_remote_code)
+        except UserError as e:
+            return user_error(f"the output is complete, but evaluating it failed: {e}", cfg.log_level)
+        from .writer import write_json
+
+        write_json(os.path.join(cfg.save_directory, "quality_report.json"), report, indent=2)
+    print(summary_text(summary, report))
     return 0
 
 
+def summary_text(summary, report: dict | None = None) -> str:
+    """The final summary of a quantize run: the output's files and sizes, the compression, the time by phase,
+    every rank's peak memory, what was read, and the quality figures when the run evaluated its output."""
+    lines = [f"wrote {summary.save_directory} in {summary.seconds['total']:.1f} s: "
+             f"{summary.bytes_written / 2**20:.2f} MiB of weights from {summary.source_bytes / 2**20:.2f} MiB "
+             f"of source tensors ({summary.source_bytes / max(summary.bytes_written, 1):.2f}x smaller)"]
+    for f in summary.files:
+        size = os.path.getsize(os.path.join(summary.save_directory, f))
+        lines.append(f"  {f}  {size:,} bytes")
+    lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.seconds.items()))
+    for rank, peaks in [(0, summary.peak_rss)] + [(r, o["peak_rss"]) for r, o in sorted(summary.ranks.items())]:
+        if peaks:
+            lines.append(f"peak memory (rank {rank}): " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
+                                                                   for k, v in peaks.items()))
+    read = summary.bytes_read + sum(o["bytes_read"] for o in summary.ranks.values())
+    lines.append(f"read {read / 2**20:.1f} MiB from the source, all ranks together (its tensors are "
+                 f"{summary.source_bytes / 2**20:.1f} MiB: calibration reads each rank's layers, the merge reads "
+                 f"everything once)")
+    if report is not None:
+        from . import evaluate
+
+        run = report["runs"]["quantized"]
+        lines.append(f"quality on {len(report['samples'])} held-out images ({report['tokens']} tokens): logits "
+                     f"cosine {run['logits_cosine']:.5f}, top-1 agreement {100 * run['top1_agreement']:.1f}%, "
+                     f"mean SQNR LLM {evaluate._db(run['mean_sqnr_db']['llm'])} dB, vision "
+                     f"{evaluate._db(run['mean_sqnr_db']['vision'])} dB "
+                     f"(report: {os.path.join(summary.save_directory, 'quality_report.json')})")
+    return "\n".join(lines)
+
+
+def run_inspect(a: argparse.Namespace) -> int:
+    from . import inspection
+
+    try:
+        report = inspection.inspect(a.output)
+    except UserError as e:
+        return user_error(e, "info")
+    print(inspection.text(report))
+    return 0 if report.complete else 1
+
+
 def add_evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model_path", required=True, help="the float Qwen2-VL the outputs were quantized from")
+    p.add_argument("--model_path", required=True, help="the float Qwen2-VL the outputs were quantized from; required")
     p.add_argument("--quantized", required=True, nargs="+", metavar="DIR",
-                   help="one or more quantized output directories (qwenvl-dq's or msModelSlim's)")
+                   help="one or more quantized output directories (qwenvl-dq's or msModelSlim's); required")
     p.add_argument("--labels", nargs="+", default=None,
-                   help="a name per --quantized directory for the table and plot (default: directory names)")
+                   help="a name per --quantized directory for the table and plot (default: the directory names)")
     p.add_argument("--images", required=True,
-                   help="held-out images (not the calibration ones) to evaluate on")
-    p.add_argument("--num_images", type=int, default=None, help="use only the first N images (sorted by name)")
+                   help="held-out images (not the calibration ones) to evaluate on; required")
+    p.add_argument("--num_images", type=int, default=None,
+                   help="use only the first N images, sorted by name (default: all)")
     add_prompt_args(p)
     p.add_argument("--report", default="quality_report.json", help="JSON report path (default: %(default)s)")
     p.add_argument("--plot", default=None, help="PNG of SQNR by layer (default: the report path with .png)")
@@ -253,10 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     add_quantize_args(q)
     e = sub.add_parser("evaluate", help="compare quantized outputs with their float model on held-out images")
     add_evaluate_args(e)
+    i = sub.add_parser("inspect", help="print what a quantized output holds and check that it is complete "
+                                       "(exit 0 complete, 1 not)")
+    i.add_argument("output", help="a save_directory written by qwenvl-dq or msModelSlim")
     argv = sys.argv[1:] if argv is None else argv
     a = p.parse_args(argv)
     if a.command == "quantize":
         return run_quantize(a, ["-m", "qwenvl_dq"], argv)
+    if a.command == "inspect":
+        return run_inspect(a)
     return run_evaluate(a)
 
 

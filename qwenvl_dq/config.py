@@ -41,6 +41,8 @@ class Config:
     overwrite: bool = False
     resume: bool = False
     log_level: str = "info"
+    quiet: bool = False  # no progress bars, warnings and errors only
+    evaluate_images: str | None = None  # held-out images to evaluate the output on once it is written
     dist_timeout: float = 1800.0
     max_memory: float | None = None  # GiB per rank
     ranks: int | None = None  # --dry_run only: plan for this many ranks
@@ -95,5 +97,12 @@ class Config:
             raise UserError(f"model_path: {self.model_path} is not readable; check its permissions")
         if not main or self.dry_run:
             return self
+        if self.evaluate_images is not None:
+            from .calib_data import list_images
+
+            list_images(self.evaluate_images, role="evaluate_images")
+            if os.path.realpath(self.evaluate_images) == os.path.realpath(self.calib_images):
+                raise UserError(f"evaluate_images: {self.evaluate_images} is the calibration folder; evaluate on "
+                                "held-out images the calibration did not see")
         outdir.check(self.save_directory, self.model_path, self.overwrite, self.resume)
         return self

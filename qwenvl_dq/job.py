@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from . import allocator, calib_data, calibrate, dist, export_mindie, journal, merge, outdir, plan, qwen2vl
+from . import allocator, calib_data, calibrate, dist, export_mindie, journal, merge, outdir, plan, progress, qwen2vl
 from .checkpoint import Checkpoint
 from .config import ACT_METHODS, Config
 from .errors import UserError
@@ -59,11 +59,14 @@ def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
 
 
 def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
-                 results: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+                 results: dict[str, torch.Tensor], bars: progress.Progress | None = None) -> tuple[list[str], int]:
     """Every output file; the description json last, then the marker and the journal go."""
     out = cfg.save_directory
     specs = merge.output_specs(ckpt, arch, dtype)
-    writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes)
+    bars = bars or progress.Progress(False)
+    bars.start("write", sum(s.nbytes for s in specs), "write", unit="B", scale=True)
+    writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes,
+                        on_write=lambda nbytes: bars.update("write", nbytes))
     try:
         for name, tensor in merge.produce(ckpt, specs, results, dtype):
             writer.write(name, tensor)
@@ -161,8 +164,10 @@ def quantize(cfg: Config) -> Summary | None:
     source = _model(cfg)  # a bad checkpoint, or more ranks than layers, stops every rank before they join
     _plan(cfg, source[1], source[3], world, None)
     d = dist.setup(cfg.device_type, cfg.dist_timeout)
+    bars = progress.Progress.for_rank(d.is_main, cfg.quiet)
     try:
-        return _quantize(cfg, d, t0, source)
+        with bars.logging():
+            return _quantize(cfg, d, t0, source, bars)
     except BaseException as e:
         d.post_error(str(e) or type(e).__name__)
         raise
@@ -170,7 +175,7 @@ def quantize(cfg: Config) -> Summary | None:
         d.close()
 
 
-def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
+def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Progress) -> Summary:
     seconds = {}
     src_cfg, arch, ckpt, dtype = source
     layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device))
@@ -200,8 +205,11 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     compute = calibrate.compute_dtype(d.device.type, dtype)
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), compute, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
-                            on_layer=_solved(d), on_sample=_progress if d.is_main else None, journal=jour,
-                            dtype=dtype, compute=compute)
+                            on_layer=_solved(d, bars), on_sample=_progress(bars) if d.is_main else None,
+                            journal=jour, dtype=dtype, compute=compute)
+    if mine.resident:  # samples go through the whole slice one by one (layer-major: the solve bar is the progress)
+        bars.start("calibrate", stage.sweeps * n, "calibrate", unit="sample")
+    bars.start("solve", arch.vision_depth * d.is_main + len(range(*mine.layers)), "solve", unit="layer")
     with outdir.disk_errors(cfg.save_directory, "saving solved layers to the journal"):
         results = calibrate.calibrate(stage, samples, n)
     if jour.restored:
@@ -225,7 +233,7 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
     allocator.reset_peak()
     t = time.perf_counter()
     with outdir.disk_errors(cfg.save_directory, "writing the output"):
-        files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results)
+        files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results, bars)
     seconds["write"] = time.perf_counter() - t
     peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
@@ -234,16 +242,21 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple) -> Summary:
                    others)
 
 
-def _solved(d: dist.Dist):
+def _solved(d: dist.Dist, bars: progress.Progress):
     """Log each layer this rank has finished (info on rank 0, whose log is the progress; debug elsewhere)."""
     done = []
 
     def on_layer(prefix: str, restored: bool = False) -> None:
         done.append(prefix)
-        log.log(logging.INFO if d.is_main else logging.DEBUG, "%s %s (%d of this rank's layers)",
+        bars.update("solve", postfix=prefix.rstrip("."))
+        log.log(logging.INFO if d.is_main and not bars.enabled else logging.DEBUG, "%s %s (%d of this rank's layers)",
                 "restored from the journal:" if restored else "solved", prefix.rstrip("."), len(done))
     return on_layer
 
 
-def _progress(sweep: int, k: int, n: int) -> None:
-    log.info("sweep %d: sample %d/%d through the pipeline", sweep + 1, k + 1, n)
+def _progress(bars: progress.Progress):
+    def on_sample(sweep: int, k: int, n: int) -> None:
+        bars.update("calibrate", postfix=f"sweep {sweep + 1}")
+        log.log(logging.DEBUG if bars.enabled else logging.INFO, "sweep %d: sample %d/%d through the pipeline",
+                sweep + 1, k + 1, n)
+    return on_sample

@@ -92,8 +92,10 @@ class PartWriter:
     """Streams tensors into pre-planned safetensors parts under temporary names; commit() renames them."""
 
     def __init__(self, out_dir: str, base: str, specs: list[TensorSpec], limit: int | None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, on_write=None):
+        """on_write(nbytes) after each tensor (a progress bar)."""
         self.out_dir = out_dir
+        self.on_write = on_write
         self.parts = split_parts(specs, limit)
         self.names = part_names(base, len(self.parts), limit is not None)
         self.metadata = metadata
@@ -123,6 +125,8 @@ class PartWriter:
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         f.write(memoryview(data))
         self.bytes_written += data.nbytes
+        if self.on_write is not None:
+            self.on_write(data.nbytes)
         self._left[k] -= 1
         if self._left[k] == 0:
             f.flush()

@@ -166,9 +166,12 @@ def parse_summary(stdout: str) -> dict:
         m = re.match(r"peak memory \(rank (\d+)\): (.*)", line)
         if m:
             peaks[int(m.group(1))] = {k: int(v) for k, v in re.findall(r"(\w+) ([0-9]+) MiB", m.group(2))}
-        m = re.match(r"read ([0-9.]+) MiB of ([0-9.]+) MiB .* wrote ([0-9.]+) MiB", line)
+        m = re.match(r"wrote .* in [0-9.]+ s: ([0-9.]+) MiB of weights from ([0-9.]+) MiB", line)
         if m:
-            io = {"read_mib": float(m.group(1)), "source_mib": float(m.group(2)), "written_mib": float(m.group(3))}
+            io.update(written_mib=float(m.group(1)), source_mib=float(m.group(2)))
+        m = re.match(r"read ([0-9.]+) MiB from the source", line)
+        if m:
+            io["read_mib"] = float(m.group(1))
     return {"seconds": seconds, "peak_mib": peaks, **io}
 
 

@@ -124,7 +124,7 @@ def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
 
     model = os.path.join(ROOT, "tests", "data", "configs", "Qwen2-VL-72B-Instruct")
     assert quantize(model, tmp_path / "o", "--dry_run", "--ranks", "8", "--max_memory", "64", "--anti_method",
-                    "m2") == 0
+                    "m2", "--device_type", "npu") == 0
     out = capsys.readouterr().out
     assert "32 vision blocks, 80 decoder layers, 136.73 GiB of weights (bfloat16)" in out
     assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
@@ -132,6 +132,11 @@ def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
     assert "rank 7: decoder layers 70..79 (10 layers): 16.35 GiB of weights" in out
     assert "(no weights in model_path: sizes from config.json)" in out
     assert not os.path.exists(tmp_path / "o")
+    # on cpu the layers are held and run in float32 (a CPU without bf16 units emulates bf16): twice the bytes
+    assert quantize(model, tmp_path / "o", "--dry_run", "--ranks", "8", "--max_memory", "64", "--anti_method",
+                    "m2") == 0
+    assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
+            "pipelined, estimated peak 37.76 GiB") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [
