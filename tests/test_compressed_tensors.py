@@ -62,14 +62,18 @@ def value(e):
 
 
 def load(path, dtype):
-    return transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+    kw = {"dtype" if qwen2vl.TF5 else "torch_dtype": dtype}
+    return transformers.Qwen2VLForConditionalGeneration.from_pretrained(path, **kw).eval()
 
 
-def inputs(model, s):
+def inputs(model, s, forward=False):
+    """The model inputs of one sample (forward: for a plain forward call rather than generate)."""
     kw = dict(input_ids=s.input_ids, attention_mask=torch.ones_like(s.input_ids),
               pixel_values=s.pixel_values.to(model.dtype), image_grid_thw=s.image_grid_thw)
     if qwen2vl.TF5:  # transformers 5 wants the token types for the 3-D positions
         kw["mm_token_type_ids"] = (s.input_ids == model.config.image_token_id).long()
+    elif forward:  # 4.46's forward without position_ids gives image tokens 1-D positions; generate computes them
+        kw["position_ids"] = model.get_rope_index(s.input_ids, s.image_grid_thw, None, kw["attention_mask"])[0]
     return kw
 
 
@@ -136,7 +140,7 @@ def test_transformers_computes_what_evaluate_simulates(tiny_model, ct_asym):
         mod.register_forward_hook(keep(n))
     s = calib_data.load_samples(HELDOUT, tiny_model, limit=1)[0]
     with torch.no_grad():
-        logits = model(**inputs(model, s)).logits[0]
+        logits = model(**inputs(model, s, forward=True)).logits[0]
         gen = model.generate(**inputs(model, s), max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == s.input_ids.shape[1] + 3
     assert int(gen[0, s.input_ids.shape[1]]) == int(logits[-1].argmax())
@@ -168,7 +172,7 @@ def test_top1_agreement_with_evaluate(tmp_path):
     agree = total = 0
     with torch.no_grad():
         for s, ref in zip(calib_data.load_samples(HELDOUT, model), logits["ct"]):
-            got = hf(**inputs(hf, s)).logits[0].float()
+            got = hf(**inputs(hf, s, forward=True)).logits[0].float()
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
             total += ref.shape[0]
     print(f"top-1 agreement, transformers vs evaluate: {agree}/{total} = {100 * agree / total:.2f}%")
