@@ -58,11 +58,12 @@ def observe(module: nn.Module, prefix: str, groups, state: dict,
     return observers, hooks
 
 
-def solve(observers: dict[tuple[str, ...], ActObserver], act_method: str) -> dict[str, torch.Tensor]:
-    """Static per-tensor activation qparams of every linear in every group."""
+def solve(observers: dict[tuple[str, ...], ActObserver], act_method: str,
+          symmetric: bool = False) -> dict[str, torch.Tensor]:
+    """Static per-tensor activation qparams of every linear in every group (symmetric: every offset 0)."""
     out = {}
     for names, obs in observers.items():
-        scale, offset = obs.qparams(act_method)
+        scale, offset = obs.qparams(act_method, symmetric)
         for n in names:
             out[n + ".input_scale"] = scale
             out[n + ".input_offset"] = offset
@@ -70,7 +71,8 @@ def solve(observers: dict[tuple[str, ...], ActObserver], act_method: str) -> dic
 
 
 def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch: qwen2vl.Arch,
-                    observers: dict, reservoirs: dict, calls: list) -> dict[str, torch.Tensor]:
+                    observers: dict, reservoirs: dict, calls: list,
+                    act_symmetric: bool = False) -> dict[str, torch.Tensor]:
     """The anti-outlier factors of one layer, keyed '<module prefix>.<smooth key>' (see smooth.KEYS)."""
     out: dict[str, torch.Tensor] = {}
     for g in qwen2vl.smooth_groups(kind, method):
@@ -92,7 +94,8 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
             x=xs, ch_min=obs.ch_min, ch_max=obs.ch_max,
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
-            output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of)
+            output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of,
+            act_symmetric=act_symmetric)
         shift = None
         if method == "m2" and g.has_bias:
             shift = smooth.m2_shift(obs.ch_min, obs.ch_max)
@@ -155,6 +158,7 @@ class Layer:
     act_method: str
     anti_method: str
     arch: qwen2vl.Arch
+    act_symmetric: bool = False
     dtype: torch.dtype | None = None  # the saved (model) dtype; None: the live parameters' own
     journal: Journal | None = None
     observers: dict = dataclasses.field(default_factory=dict)
@@ -207,7 +211,7 @@ class Layer:
                 factors = self.factors
             else:
                 factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
-                                          self.observers, self.reservoirs, calls)
+                                          self.observers, self.reservoirs, calls, self.act_symmetric)
                 if self.journal is not None:
                     self.journal.save(self.prefix, "smooth", factors)
             apply_smoothing(self.module, self.prefix, factors, self.dtype)
@@ -217,7 +221,7 @@ class Layer:
             if self.saved is not None:
                 self.results = dict(self.saved)
             else:
-                self.results.update(solve(self.observers, self.act_method))
+                self.results.update(solve(self.observers, self.act_method, self.act_symmetric))
                 if self.journal is not None:
                     self.journal.save(self.prefix, "final", self.results)
             out = self.results
@@ -237,6 +241,7 @@ class Stage:
     resident: bool
     act_method: str
     anti_method: str = "none"
+    act_symmetric: bool = False
     on_layer: Callable | None = None  # on_layer(prefix, restored) when a unit's results are known
     on_sample: Callable | None = None
     journal: Journal | None = None
@@ -278,7 +283,7 @@ class Stage:
 
     def units(self) -> list[Layer]:
         kw = dict(sweeps=self.sweeps, act_method=self.act_method, anti_method=self.anti_method, arch=self.arch,
-                  dtype=self.dtype, journal=self.journal)
+                  act_symmetric=self.act_symmetric, dtype=self.dtype, journal=self.journal)
         out = []
         if self.d.is_main:
             out += [Layer("vision", qwen2vl.VISION_BLOCK.format(i=i), m, **kw)

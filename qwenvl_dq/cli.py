@@ -85,8 +85,13 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     ours.add_argument("--act_method", default="histogram", choices=list(ACT_METHODS),
                       help="static activation range: histogram (the reference's act_method=2) or minmax "
                            "(default: %(default)s)")
+    ours.add_argument("--act_symmetric", action="store_true",
+                      help="symmetric static activations (zero point 0, scale max(|min|, |max|) / 127), as "
+                           "vllm-ascend requires; default: asymmetric (the reference's)")
     ours.add_argument("--output_format", default="mindie", choices=OUTPUT_FORMATS,
-                      help="output layout (default: %(default)s)")
+                      help="mindie: msModelSlim's layout, what MindIE reads (--mindie_format adds MindIE's "
+                           "description json and config.json); compressed-tensors: what vLLM reads "
+                           "(default: %(default)s)")
     ours.add_argument("--dry_run", action="store_true",
                       help="print which rank holds which layers and each rank's estimated peak memory; "
                            "reads config.json (and safetensors headers if present), loads no weights (default: off)")

@@ -12,7 +12,7 @@ from .errors import UserError
 ANTI_METHODS = ("m2", "m4", "none")
 DEVICE_TYPES = ("cpu", "npu", "cuda")
 ACT_METHODS = {"minmax": 1, "histogram": 2}
-OUTPUT_FORMATS = ("mindie",)
+OUTPUT_FORMATS = ("mindie", "compressed-tensors")
 DEFAULT_PROMPT = "Please describe this picture in detail."  # the reference's calibration prompt
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,6 +36,7 @@ class Config:
     min_pixels: int | None = None
     max_pixels: int | None = None
     act_method: str = "histogram"
+    act_symmetric: bool = False
     output_format: str = "mindie"
     dry_run: bool = False
     overwrite: bool = False
@@ -71,6 +72,11 @@ class Config:
             raise UserError(f"device_type: {self.device_type!r} is not one of {', '.join(DEVICE_TYPES)}")
         if self.act_method not in ACT_METHODS:
             raise UserError(f"act_method: {self.act_method!r} is not one of {', '.join(ACT_METHODS)}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise UserError(f"output_format: {self.output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+        if self.mindie_format and self.output_format != "mindie":
+            raise UserError(f"output_format: --mindie_format writes MindIE's layout and --output_format "
+                            f"{self.output_format} writes another; pass one of them")
         if self.calib_num is not None and self.calib_num < 1:
             raise UserError(f"calib_num: {self.calib_num} must be at least 1")
         if not self.dist_timeout > 0:

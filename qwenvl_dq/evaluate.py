@@ -1,11 +1,14 @@
 """Quality report: quantized outputs next to their float model, on held-out images.
 
-Each quantized output (ours or msModelSlim's: the same format) is run exactly as its saved tensors say: every
-linear that has a deq_scale is replaced by the integer kernel those tensors define,
-y = (clamp(round(x / input_scale + input_offset)) @ Wq^T + quant_bias) * deq_scale, simulated exactly in float64,
-and every other tensor (smoothed norms, float layers, embeddings) is used as saved. The float model runs from its
-own checkpoint, in its dtype. Both go layer by layer over every sample (one layer of each in memory at a time),
-each fed by its own previous layer, so the per-layer figures include the error carried from upstream.
+Each quantized output (ours or msModelSlim's in the MindIE layout, or ours in compressed-tensors') is run exactly as
+its saved tensors say: every linear that has a deq_scale is replaced by the integer kernel those tensors define,
+y = (clamp(round(x / input_scale + input_offset)) @ Wq^T + quant_bias) * deq_scale, and every compressed-tensors
+linear (an int8 weight with a weight_scale and an input_scale) by y = ((x_q - zp) @ Wq^T) * input_scale *
+weight_scale + bias, x_q = clamp(round(x / input_scale) + zp) (zp = input_zero_point, 0 when absent: symmetric),
+both simulated exactly in float64; every other tensor (smoothed norms, float layers, embeddings) is used as saved.
+The float model runs from its own checkpoint, in its dtype. Both go layer by layer over every sample (one layer of
+each in memory at a time), each fed by its own previous layer, so the per-layer figures include the error carried
+from upstream.
 
 Figures: per vision block and per decoder layer, the output SQNR in dB (10 log10 of signal energy over error
 energy, over every token of every sample; an exact match reads SQNR_CAP); on the final logits (every prompt
@@ -33,6 +36,32 @@ from .outdir import INCOMPLETE
 log = logging.getLogger(__name__)
 
 SQNR_CAP = 200.0
+
+
+def is_w8a8(ckpt: Checkpoint, prefix: str) -> bool:
+    """Whether the linear at checkpoint `prefix` is saved W8A8 (MindIE's layout or compressed-tensors')."""
+    if prefix + ".deq_scale" in ckpt:
+        return True
+    return (prefix + ".input_scale" in ckpt and prefix + ".weight_scale" in ckpt
+            and ckpt.dtype(prefix + ".weight") == torch.int8)
+
+
+class ZeroPointLinear(nn.Module):
+    """One compressed-tensors W8A8 linear, simulated exactly (int8.zero_point_linear)."""
+
+    def __init__(self, ckpt: Checkpoint, prefix: str, device: torch.device):
+        super().__init__()
+        scale = ckpt.get(prefix + ".input_scale")
+        zp = ckpt.get(prefix + ".input_zero_point") if prefix + ".input_zero_point" in ckpt else torch.zeros(1)
+        for name, t in (("weight_q", ckpt.get(prefix + ".weight")),
+                        ("weight_scale", ckpt.get(prefix + ".weight_scale")),
+                        ("input_scale", scale), ("zero_point", zp.float())):
+            self.register_buffer(name, t.to(device))
+        self.bias = ckpt.get(prefix + ".bias").to(device) if prefix + ".bias" in ckpt else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = int8.zero_point_linear(x, self.weight_q, self.weight_scale, self.input_scale, self.zero_point, self.bias)
+        return y.to(x.dtype)
 
 
 class W8A8Linear(nn.Module):
@@ -71,10 +100,11 @@ class Side:
         """Materialise `module` from this side's checkpoint, saved W8A8 linears as their integer kernels."""
         swaps = []
         for name, child in list(module.named_modules()):
-            if isinstance(child, nn.Linear) and f"{prefix}{name}.deq_scale" in self.ckpt:
+            if isinstance(child, nn.Linear) and is_w8a8(self.ckpt, prefix + name):
                 parent_name, _, attr = name.rpartition(".")
                 parent = module.get_submodule(parent_name) if parent_name else module
-                setattr(parent, attr, W8A8Linear(self.ckpt, prefix + name, self.device))
+                kernel = W8A8Linear if f"{prefix}{name}.deq_scale" in self.ckpt else ZeroPointLinear
+                setattr(parent, attr, kernel(self.ckpt, prefix + name, self.device))
                 swaps.append((parent, attr, child))
         qwen2vl.materialize(module, prefix, self.read)
         self.quantized_linears += len(swaps)
@@ -111,8 +141,11 @@ def check_output_dir(path: str) -> None:
 @torch.inference_mode()
 def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, limit: int | None = None,
              prompt: str = DEFAULT_PROMPT, min_pixels: int | None = None, max_pixels: int | None = None,
-             device: torch.device = torch.device("cpu"), trust_remote_code: bool = False) -> dict:
-    """Run the float model and every (label, directory) in `quantized` on the images; returns the report."""
+             device: torch.device = torch.device("cpu"), trust_remote_code: bool = False, logits: dict | None = None
+             ) -> dict:
+    """Run the float model and every (label, directory) in `quantized` on the images; returns the report.
+    logits: a dict to receive every side's final logits ({label or "float": [float32 [tokens, vocab] per
+    sample]})."""
     src_cfg = qwen2vl.read_config(model_path)
     arch = qwen2vl.Arch.from_dict(src_cfg)
     ref = Side("float", Checkpoint(model_path), device)
@@ -154,7 +187,9 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
     run_stack(ref, sides, qwen2vl.decoder_layers(model), qwen2vl.DECODER_LAYER, "llm",
               lambda m, h, k: qwen2vl.run_decoder_layer(m, h, calls[k]))
 
-    logits = {side.label: side_logits(side, model) for side in everyone}
+    if logits is None:
+        logits = {}
+    logits.update({side.label: side_logits(side, model) for side in everyone})
     report = {
         "model_path": os.path.abspath(model_path),
         "images": os.path.abspath(images),

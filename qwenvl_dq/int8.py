@@ -2,7 +2,11 @@
 
 Weights: symmetric per output channel, scale = absmax / 127, values in [-127, 127].
 Activations: static per tensor, asymmetric, x_q = clamp(round(x / scale + offset), -128, 127), integer offset
-(the offset is added before rounding, as msModelSlim does).
+(the offset is added before rounding, as msModelSlim does; with an integer offset this is round(x / scale) + offset,
+compressed-tensors' and vLLM's x_q = round(x / scale) + zero_point, so input_zero_point = input_offset).
+Symmetric activations (--act_symmetric): offset 0 and scale = max(|min|, |max|) / 127, so the range maps onto
+-127..127 as the weights do; the kernels still clamp to -128..127 (vLLM's static scaled_int8_quant, compressed-
+tensors' fake quantization, MindIE), so -128 only ever holds a value beyond the calibrated range.
 The integer kernel the saved tensors imply: y = (x_q @ Wq^T + quant_bias) * deq_scale, where
 deq_scale = input_scale * weight_scale and quant_bias = round(bias / deq_scale - input_offset * sum_k Wq[n, k]).
 
@@ -42,11 +46,15 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return wq.float() * scale.float()
 
 
-def act_qparams(lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric per-tensor int8 qparams covering [lo, hi] (widened to hold 0, so zero is exact).
+def act_qparams(lo: float, hi: float, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor int8 qparams covering [lo, hi] (widened to hold 0, so zero is exact). Asymmetric: 256 levels over
+    the range; symmetric: scale = max(|lo|, |hi|) / 127, offset 0.
 
     Returns (scale [1] float32, offset [1] float32 holding an integer in [-128, 127])."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if symmetric:
+        scale = max(max(-lo, hi) / WMAX, _EPS)
+        return torch.tensor([scale], dtype=torch.float32), torch.zeros(1, dtype=torch.float32)
     scale = max((hi - lo) / (QMAX - QMIN), _EPS)
     offset = QMIN - round(lo / scale)
     offset = min(max(offset, QMIN), QMAX)
@@ -98,3 +106,16 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, qbias: torch.Tensor, deq: tor
     xq = quantize_act(x, input_scale, input_offset).double()
     acc = xq @ wq.double().T + qbias.double()
     return (acc * deq.double()).float()
+
+
+def zero_point_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, input_scale: torch.Tensor,
+                      zero_point: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """compressed-tensors' W8A8 linear (what vLLM's int8 kernels compute), simulated exactly in float64:
+    x: [..., in] -> y: [..., out] float32, y = ((x_q - zp) @ Wq^T) * input_scale * w_scale + bias with
+    x_q = clamp(round(x / input_scale) + zp, -128, 127). w_scale: [out, 1]; input_scale, zero_point: [1]."""
+    zp = zero_point.double()
+    xq = quantize_act(x, input_scale, zero_point).double() - zp
+    y = (xq @ wq.double().T) * (input_scale.double() * w_scale.double().reshape(-1))
+    if bias is not None:
+        y = y + bias.double()
+    return y.float()

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from . import allocator, calib_data, calibrate, dist, export_mindie, journal, merge, outdir, plan, progress, qwen2vl
+from . import (allocator, calib_data, calibrate, dist, export_ct, export_mindie, journal, merge, outdir, plan, progress,
+               qwen2vl)
 from .checkpoint import Checkpoint
 from .config import ACT_METHODS, Config
 from .errors import UserError
@@ -60,28 +61,16 @@ def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
 
 def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
                  results: dict[str, torch.Tensor], bars: progress.Progress | None = None) -> tuple[list[str], int]:
-    """Every output file; the description json last, then the marker and the journal go."""
+    """Every output file in --output_format's layout; the completion marker (MindIE: the description json;
+    compressed-tensors: config.json) last, then the marker and the journal go."""
+    bars = bars or progress.Progress(False)
+    if cfg.output_format == "compressed-tensors":
+        return _write_compressed_tensors(cfg, ckpt, arch, src_cfg, dtype, results, bars)
     out = cfg.save_directory
     specs = merge.output_specs(ckpt, arch, dtype)
-    bars = bars or progress.Progress(False)
-    bars.start("write", sum(s.nbytes for s in specs), "write", unit="B", scale=True)
-    writer = PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes,
-                        on_write=lambda nbytes: bars.update("write", nbytes))
-    try:
-        for name, tensor in merge.produce(ckpt, specs, results, dtype):
-            writer.write(name, tensor)
-        parts = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    for p in parts:
-        os.chmod(os.path.join(out, p), export_mindie.WEIGHT_MODE)
-    files = list(parts)
-    if cfg.part_bytes is not None:
-        index = export_mindie.WEIGHT_BASE + ".safetensors.index.json"
-        write_json(os.path.join(out, index), {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-                                              "weight_map": writer.weight_map()}, export_mindie.JSON_MODE, indent=2)
-        files.append(index)
+    files, written = _write_parts(cfg, export_mindie.WEIGHT_BASE + ".safetensors.index.json",
+                                  PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes),
+                                  merge.produce(ckpt, specs, results, dtype), specs, bars)
     export_mindie.write_config(out, export_mindie.config_json(
         src_cfg, cfg.mindie_format, ACT_METHODS[cfg.act_method], cfg.anti_method, cfg.device_type))
     files.append("config.json")
@@ -92,6 +81,50 @@ def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dic
                export_mindie.JSON_MODE, indent=2)
     files.append(desc)
     outdir.finish(out)
+    return files, written
+
+
+def _write_compressed_tensors(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
+                              results: dict[str, torch.Tensor], bars: progress.Progress) -> tuple[list[str], int]:
+    out = cfg.save_directory
+    qc = export_ct.quantization_config(arch, cfg.act_symmetric)
+    version = export_ct.validate(qc)  # before any weight is written
+    quantized = set(qwen2vl.quantized_linears(arch))
+    mindie_specs = merge.output_specs(ckpt, arch, dtype)
+    specs = export_ct.tensor_specs(mindie_specs, quantized, dtype, cfg.act_symmetric)
+    stream = (got for name, t in merge.produce(ckpt, mindie_specs, results, dtype)
+              if (got := export_ct.convert(name, t, quantized, dtype, cfg.act_symmetric)) is not None)
+    writer = PartWriter(out, export_ct.WEIGHT_BASE, specs, cfg.part_bytes, export_ct.SAFETENSORS_METADATA,
+                        hf_names=True)
+    files, written = _write_parts(cfg, export_ct.INDEX, writer, stream, specs, bars)
+    files += export_mindie.copy_side_files(cfg.model_path, out)
+    export_mindie.write_config(out, export_ct.config_json(src_cfg, arch, cfg.act_symmetric, version))
+    files.append("config.json")
+    outdir.finish(out)
+    return files, written
+
+
+def _write_parts(cfg: Config, index: str, writer: PartWriter, stream, specs,
+                 bars: progress.Progress) -> tuple[list[str], int]:
+    """Stream (name, tensor) into the writer's parts and rename them whole; then the index, when the parts are
+    numbered."""
+    out = cfg.save_directory
+    bars.start("write", sum(s.nbytes for s in specs), "write", unit="B", scale=True)
+    writer.on_write = lambda nbytes: bars.update("write", nbytes)
+    try:
+        for name, tensor in stream:
+            writer.write(name, tensor)
+        parts = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    for p in parts:
+        os.chmod(os.path.join(out, p), export_mindie.WEIGHT_MODE)
+    files = list(parts)
+    if writer.numbered:
+        write_json(os.path.join(out, index), {"metadata": {"total_size": sum(s.nbytes for s in specs)},
+                                              "weight_map": writer.weight_map()}, export_mindie.JSON_MODE, indent=2)
+        files.append(index)
     return files, writer.bytes_written
 
 
@@ -205,6 +238,7 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progres
     compute = calibrate.compute_dtype(d.device.type, dtype)
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), compute, d.device)
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
+                            act_symmetric=cfg.act_symmetric,
                             on_layer=_solved(d, bars), on_sample=_progress(bars) if d.is_main else None,
                             journal=jour, dtype=dtype, compute=compute)
     if mine.resident:  # samples go through the whole slice one by one (layer-major: the solve bar is the progress)

@@ -38,7 +38,8 @@ PHASES = ("smooth", "final")
 _TMP = ".qwenvl_dq_tmp"
 # the flags that change the numbers; the output layout (part_file_size, mindie_format, output_format) does not,
 # and neither does the number of ranks
-FLAGS = ("w_bit", "a_bit", "anti_method", "act_method", "prompt", "min_pixels", "max_pixels", "device_type")
+FLAGS = ("w_bit", "a_bit", "anti_method", "act_method", "act_symmetric", "prompt", "min_pixels", "max_pixels",
+         "device_type")
 
 
 def _sha(data: bytes) -> str:

@@ -60,11 +60,14 @@ class ActObserver:
     def max(self) -> float:
         return float(self.ch_max.max())
 
-    def qparams(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Static per-tensor (scale [1], offset [1]) by `method`: 'minmax' or 'histogram'."""
+    def qparams(self, method: str, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static per-tensor (scale [1], offset [1]) by `method`: 'minmax' or 'histogram'; symmetric: offset 0."""
         if method == "minmax":
-            return int8.act_qparams(self.min, self.max)
+            return int8.act_qparams(self.min, self.max, symmetric)
         if method == "histogram":
+            if symmetric:
+                t = symmetric_histogram_range(self.hist, self.lo, self.hi)
+                return int8.act_qparams(-t, t, symmetric=True)
             lo, hi = histogram_range(self.hist, self.lo, self.hi)
             return int8.act_qparams(lo, hi)
         raise ValueError(f"unknown activation range method {method!r}")
@@ -108,6 +111,34 @@ def histogram_range(hist: torch.Tensor, lo: float, hi: float, levels: int = 256)
     k = int(torch.argmin(loss))
     a, b = divmod(k, len(idx))
     return lo + int(idx[a]) * width, lo + int(idx[b]) * width
+
+
+def symmetric_histogram_range(hist: torch.Tensor, lo: float, hi: float, steps: int = 1024,
+                              levels: int = 2 * int8.WMAX + 1) -> float:
+    """The clipping threshold T of symmetric quantisation over [-T, T] with `levels` levels (-127..127) that
+    minimises the same expected squared error as histogram_range: rounding noise (2T / (levels - 1))^2 / 12 for the
+    mass inside, squared distance to -T or T for the mass outside (each bin's mass at its centre, a bin counted
+    inside when its centre is). Candidates: `steps` evenly spaced T up to max(|lo|, |hi|); the largest of them
+    (no clipping) wins ties."""
+    bins = hist.numel()
+    top = max(-lo, hi, 0.0)
+    total = float(hist.sum())
+    if total == 0 or hi <= lo or top == 0:
+        return top
+    width = (hi - lo) / bins
+    c = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * width
+    h = hist.double()
+    zero = torch.zeros(1, dtype=torch.float64)
+    c0, c1, c2 = (torch.cat([zero, v.cumsum(0)]) for v in (h, h * c, h * c * c))
+    t = top * torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    ia = torch.searchsorted(c, -t)  # bins [0, ia) have centres below -t
+    ib = torch.searchsorted(c, t, right=True)  # bins [ib, bins) have centres above t
+    below = t * t * c0[ia] + 2 * t * c1[ia] + c2[ia]  # sum h (c + t)^2
+    above = (c2[-1] - c2[ib]) - 2 * t * (c1[-1] - c1[ib]) + t * t * (c0[-1] - c0[ib])
+    inside = (c0[ib] - c0[ia]).clamp_min(0) * (2 * t / (levels - 1)) ** 2 / 12
+    loss = below + above + inside
+    best = int(torch.nonzero(loss == loss.min()).max())
+    return float(t[best])
 
 
 RESERVOIR_TOKENS = 2048

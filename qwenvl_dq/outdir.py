@@ -131,7 +131,7 @@ def prepare(path: str, got: Existing, keep_state: bool) -> None:
         os.makedirs(path, exist_ok=True)
         os.chmod(path, DIR_MODE)
         mark(path)
-        for desc in DESCRIPTIONS:  # the completion markers go first
+        for desc in (*DESCRIPTIONS, "config.json"):  # the completion markers go first
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(path, desc))
         for name in got.names:

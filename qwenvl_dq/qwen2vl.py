@@ -198,6 +198,23 @@ def quantized_linears(arch: Arch) -> list[str]:
     return [name for group in observer_groups(arch) for name in group]
 
 
+# The float linears as compressed-tensors' `ignore` patterns. Regexes, not names: re.match anchors at the start and
+# the loaders name modules differently (transformers 5: model.language_model.layers.N..., model.visual...; 4.46 and
+# the checkpoint: model.layers.N..., visual...; vLLM: language_model.model.layers.N..., visual...), so each
+# pattern starts with ".*" and ends at the module name.
+FLOAT_LINEAR_PATTERNS = ("lm_head", r"re:.*mlp\.down_proj$", r"re:.*mlp\.fc2$", r"re:.*merger\..*")
+VISION_PATTERN = r"re:.*visual\..*"
+
+
+def float_linear_patterns(arch: Arch) -> list[str]:
+    """compressed-tensors' ignore list: every linear left float (the vision tower too where none of its linears
+    is W8A8)."""
+    out = list(FLOAT_LINEAR_PATTERNS)
+    if not any(n.startswith("visual.") for n in quantized_linears(arch)):
+        out.append(VISION_PATTERN)
+    return out
+
+
 # --- the live model: skeleton on meta, one block at a time -------------------------------------------------
 
 

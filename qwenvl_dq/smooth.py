@@ -12,9 +12,9 @@ Every search below scores a candidate by the group output error with the int8 qu
 
 where f is the group's output function (attention output for norm -> q,k,v; act(gate) * up for norm -> gate,up;
 act(fc1) for the vision norm2 -> fc1; the linear itself for v -> o), Q_w is per-output-channel symmetric int8
-(absmax / 127) and Q_a is per-tensor asymmetric int8 over the exact range of x / s seen in calibration
-(per-channel min/max over every token / s). x is the group's token reservoir: windows of every calibration
-sample, not one sample.
+(absmax / 127) and Q_a is per-tensor int8 (asymmetric, or symmetric with --act_symmetric) over the exact range of
+x / s seen in calibration (per-channel min/max over every token / s). x is the group's token reservoir: windows of
+every calibration sample, not one sample.
 
 Scoring every candidate on the whole reservoir is most of a run's time, so each search scores its candidates in two
 steps (_pick). First every candidate is scored on a proxy of the group: a fixed, evenly spread subset of at most
@@ -87,6 +87,7 @@ class Problem:
     tie: torch.Tensor | None = None
     rowwise: bool = False
     output_of: Callable[[list[int]], Output] | None = None
+    act_symmetric: bool = False  # the activation quantizer the product saves (--act_symmetric)
 
     @property
     def tokens(self) -> int:
@@ -128,7 +129,7 @@ def target(p: Problem) -> list[torch.Tensor]:
 def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     """Quantized group output error with input channels divided by s (see the module docstring)."""
     lo, hi = float((p.ch_min / s).min()), float((p.ch_max / s).max())
-    a_scale, a_offset = int8.act_qparams(lo, hi)
+    a_scale, a_offset = int8.act_qparams(lo, hi, p.act_symmetric)
     xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
     ws = [fake_quant_weight(w * s) for w in p.weights]
     got = p.output(xs, ws, p.biases)

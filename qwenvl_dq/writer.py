@@ -67,7 +67,7 @@ def split_parts(specs: list[TensorSpec], limit: int | None) -> list[list[TensorS
 
 
 def part_names(base: str, count: int, parted: bool) -> list[str]:
-    """File names: one unnumbered file without a size limit; numbered parts (even a single one) with a limit."""
+    """File names: one unnumbered file when not parted; else numbered parts (even a single one)."""
     if not parted:
         return [f"{base}.safetensors"]
     return [f"{base}-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
@@ -89,15 +89,19 @@ def _header(specs: list[TensorSpec], metadata: dict | None) -> tuple[bytes, dict
 
 
 class PartWriter:
-    """Streams tensors into pre-planned safetensors parts under temporary names; commit() renames them."""
+    """Streams tensors into pre-planned safetensors parts under temporary names; commit() renames them.
+
+    Names: msModelSlim numbers the parts whenever there is a limit (even a single part); hf_names numbers them
+    only when there are several, as save_pretrained does."""
 
     def __init__(self, out_dir: str, base: str, specs: list[TensorSpec], limit: int | None,
-                 metadata: dict | None = None, on_write=None):
+                 metadata: dict | None = None, hf_names: bool = False, on_write=None):
         """on_write(nbytes) after each tensor (a progress bar)."""
         self.out_dir = out_dir
         self.on_write = on_write
         self.parts = split_parts(specs, limit)
-        self.names = part_names(base, len(self.parts), limit is not None)
+        self.numbered = len(self.parts) > 1 if hf_names else limit is not None
+        self.names = part_names(base, len(self.parts), self.numbered)
         self.metadata = metadata
         self._where = {s.name: k for k, part in enumerate(self.parts) for s in part}
         self._specs = {s.name: s for s in specs}

@@ -203,7 +203,7 @@ def build(out_dir: str, argv: list[str] | None = None) -> str:
         "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2VLProcessor"})
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     tensors = random_weights(Arch.from_dict(cfg), args.seed, dtype, args.outlier_scale)
     write_shards(out_dir, tensors, args.num_shards)
     return out_dir
@@ -225,7 +225,7 @@ def parse_args(argv):
     p.add_argument("--min_pixels", type=int, default=56 * 56)
     p.add_argument("--max_pixels", type=int, default=28 * 28 * 48,
                    help="image processor limit (real models: 12845056); small keeps tests fast")
-    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--num_shards", type=int, default=2)
     p.add_argument("--outlier_scale", type=float, default=24.0,
                    help="how much larger the injected outlier channels are than the rest")
