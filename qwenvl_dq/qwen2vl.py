@@ -217,7 +217,7 @@ def read_config(model_path: str) -> dict:
             f"(expected one of {', '.join(MODEL_TYPES)}); this tool quantizes Qwen2-VL and Qwen2.5-VL checkpoints only"
         )
     family = FAMILIES[model_type]
-    if not hasattr(transformers, family.model_class):
+    if not os.path.isdir(os.path.join(os.path.dirname(transformers.__file__), "models", model_type)):  # no import
         raise UserError(
             f"model_path: {model_path} holds model_type {model_type!r}, which needs transformers >= {family.since} "
             f"(installed: {transformers.__version__}); pip install 'transformers>={family.since}'"
