@@ -146,11 +146,15 @@ def test_evaluate_gives_figures_and_m2_is_not_worse_than_none(outputs, q25_model
     runs = report["runs"]
     assert {m: r["w8a8_linears"] for m, r in runs.items()} == {"none": 28, "m2": 28, "m4": 28}
     assert [len(r["sqnr_db"]["vision"]) for r in runs.values()] == [4, 4, 4]
+    # measured (transformers 5.24, torch 2.13 cpu): logits cosine none 0.99775, m2 0.99904, m4 0.99927; mean SQNR dB
+    # LLM 23.05 / 25.63 / 25.75, vision 38.87 / 39.22 / 38.99
     for m, r in runs.items():
-        assert r["logits_cosine"] > 0.995, (m, r["logits_cosine"])
-        assert r["mean_sqnr_db"]["vision"] > 35, (m, r["mean_sqnr_db"])
-    assert runs["m2"]["logits_cosine"] >= runs["none"]["logits_cosine"] - 0.0005
-    assert runs["m2"]["mean_sqnr_db"]["llm"] >= runs["none"]["mean_sqnr_db"]["llm"] - 0.5
+        assert r["logits_cosine"] > 0.997, (m, r["logits_cosine"])
+        assert r["mean_sqnr_db"]["vision"] > 38, (m, r["mean_sqnr_db"])
+    for m in ("m2", "m4"):
+        assert runs[m]["logits_cosine"] >= runs["none"]["logits_cosine"]
+        assert runs[m]["mean_sqnr_db"]["llm"] >= runs["none"]["mean_sqnr_db"]["llm"] + 1.0
+    assert runs["m2"]["mean_sqnr_db"]["vision"] >= runs["none"]["mean_sqnr_db"]["vision"] - 0.5
 
 
 @needs_q25
