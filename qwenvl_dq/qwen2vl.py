@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import json
 import os
+from typing import Callable
 
 import torch
 import transformers
@@ -120,7 +121,7 @@ class Family:
     since: str  # the first transformers release that has it
     vision_groups: tuple[tuple[str, ...], ...]
     vision_smooth: tuple[SmoothGroup, ...]
-    vision_block: object  # (width, mlp width) -> {name in the block: shape}, in registration order
+    vision_block: Callable[[int, int], dict]  # (width, mlp width) -> {name in the block: shape}, in registration order
     merger_norm_bias: bool  # LayerNorm ln_q (Qwen2-VL) or RMSNorm (Qwen2.5-VL)
 
 
