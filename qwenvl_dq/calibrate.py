@@ -75,7 +75,7 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
                     act_symmetric: bool = False) -> dict[str, torch.Tensor]:
     """The anti-outlier factors of one layer, keyed '<module prefix>.<smooth key>' (see smooth.KEYS)."""
     out: dict[str, torch.Tensor] = {}
-    for g in qwen2vl.smooth_groups(kind, method):
+    for g in qwen2vl.smooth_groups(kind, method, arch):
         key = tuple(prefix + n for n in g.linears)
         obs, windows = observers[key], reservoirs[key].items()
         mods = [layer.get_submodule(n) for n in g.linears]
@@ -180,7 +180,7 @@ class Layer:
 
     @property
     def groups(self):
-        return qwen2vl.VISION_GROUPS if self.kind == "vision" else qwen2vl.DECODER_GROUPS
+        return qwen2vl.unit_groups(self.kind, self.arch)
 
     @property
     def run(self) -> Callable:
@@ -195,12 +195,13 @@ class Layer:
             return  # what these observers would feed is in the journal
         if statistics:
             self.reservoirs = {tuple(self.prefix + n for n in g.linears): Reservoir(n_samples)
-                               for g in qwen2vl.smooth_groups(self.kind, self.anti_method)}
+                               for g in qwen2vl.smooth_groups(self.kind, self.anti_method, self.arch)}
         self.observers, self.hooks = observe(self.module, self.prefix, self.groups, state, self.reservoirs)
 
     def finish(self, sweep: int, calls: list) -> dict[str, torch.Tensor]:
         """Detach; after the statistics sweep solve (or restore) and fold the smoothing factors, after the last
-        sweep the activation qparams. Returns the unit's results after the last sweep, else {}."""
+        sweep the activation qparams. calls: every sample's call. Returns the unit's results after the last sweep,
+        else {}."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
@@ -211,7 +212,8 @@ class Layer:
                 factors = self.factors
             else:
                 factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
-                                          self.observers, self.reservoirs, calls, self.act_symmetric)
+                                          self.observers, self.reservoirs,
+                                          [qwen2vl.unit_call(c, self.prefix) for c in calls], self.act_symmetric)
                 if self.journal is not None:
                     self.journal.save(self.prefix, "smooth", factors)
             apply_smoothing(self.module, self.prefix, factors, self.dtype)
@@ -269,8 +271,8 @@ class Stage:
         return h.to(self.dtype) if self.dtype else h
 
     def step(self, u: "Layer", h: torch.Tensor, call) -> torch.Tensor:
-        """One unit on one sample's hidden states."""
-        return self.down(u.run(u.module, self.up(h), call))
+        """One unit on one sample's hidden states; call: the sample's call (vision or decoder)."""
+        return self.down(u.run(u.module, self.up(h), qwen2vl.unit_call(call, u.prefix)))
 
     def prefix(self, s: Sample) -> tuple[torch.Tensor, tuple]:
         """Rank 0: a sample's patch embeddings (kept in the saved dtype) and its vision blocks' call."""
@@ -296,9 +298,11 @@ class Stage:
         return qwen2vl.materialize(qwen2vl.named_module(self.model, prefix), prefix, self.read)
 
 
-def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: torch.Tensor) -> torch.Tensor:
-    return stage.down(qwen2vl.decoder_input(stage.rows, sample.input_ids, merger(stage.up(vision_out)),
-                                            stage.arch.image_token_id, stage.d.device))
+def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: torch.Tensor,
+                vcall: qwen2vl.VisionCall) -> torch.Tensor:
+    embeds = qwen2vl.run_merger(merger, stage.up(vision_out), vcall)
+    return stage.down(qwen2vl.decoder_input(stage.rows, sample.input_ids, embeds, stage.arch.image_token_id,
+                                            stage.d.device))
 
 
 def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None, n: int) -> dict[str, torch.Tensor]:
@@ -330,7 +334,7 @@ def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None,
                     if positions[k] is None:
                         positions[k] = qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw,
                                                           stage.arch.image_token_id)
-                    h = _to_decoder(stage, merger, s, h)
+                    h = _to_decoder(stage, merger, s, h, vcalls[k])
                 else:
                     h, positions[k] = d.recv(d.rank - 1, f"sample {k} of sweep {sweep + 1}")
                 if dcalls[k] is None:
@@ -395,7 +399,7 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
         positions = [qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw, stage.arch.image_token_id)
                      for s in samples]
         merger = stage.live("visual.merger.")
-        chains = [[_to_decoder(stage, merger, s, h) for s, h in zip(samples, hs)] for hs in chains]
+        chains = [[_to_decoder(stage, merger, s, h, c) for s, h, c in zip(samples, hs, vcalls)] for hs in chains]
         qwen2vl.release(merger)
     else:
         chains = []

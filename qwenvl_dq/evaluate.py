@@ -169,10 +169,10 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
             if side is ref:
                 calls.append(call)
     run_stack(ref, sides, qwen2vl.vision_blocks(model), qwen2vl.VISION_BLOCK, "vision",
-              lambda m, h, k: qwen2vl.run_vision_block(m, h, calls[k]))
+              lambda m, h, k, prefix: qwen2vl.run_vision_block(m, h, qwen2vl.unit_call(calls[k], prefix)))
     merger = qwen2vl.named_module(model, "visual.merger.")
     for side in everyone:
-        side.run(merger, "visual.merger.", lambda m, h, k: m(h))
+        side.run(merger, "visual.merger.", lambda m, h, k: qwen2vl.run_merger(m, h, calls[k]))
 
     # decoder
     calls = []
@@ -185,7 +185,7 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
                 pos = qwen2vl.rope_index(model, s.input_ids, s.image_grid_thw, arch.image_token_id)
                 calls.append(qwen2vl.decoder_call(model, h, pos))
     run_stack(ref, sides, qwen2vl.decoder_layers(model), qwen2vl.DECODER_LAYER, "llm",
-              lambda m, h, k: qwen2vl.run_decoder_layer(m, h, calls[k]))
+              lambda m, h, k, prefix: qwen2vl.run_decoder_layer(m, h, calls[k]))
 
     if logits is None:
         logits = {}
@@ -213,12 +213,12 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
 
 
 def run_stack(ref: Side, sides: list[Side], layers, prefix_fmt: str, part: str, step) -> None:
-    """Every side through every layer of one stack, layer by layer; each quantized side's SQNR against the float
-    side after each layer goes to side.sqnr[part]."""
+    """Every side through every layer of one stack, layer by layer (step(module, hidden, sample, prefix)); each
+    quantized side's SQNR against the float side after each layer goes to side.sqnr[part]."""
     for i, layer in enumerate(layers):
         prefix = prefix_fmt.format(i=i)
         for side in (ref, *sides):
-            side.run(layer, prefix, step)
+            side.run(layer, prefix, lambda m, h, k: step(m, h, k, prefix))
         for side in sides:
             side.sqnr[part].append(sqnr_db(ref.hiddens, side.hiddens))
 

@@ -1,4 +1,4 @@
-"""THE model adapter for Qwen2-VL: every fact about the model lives here, and nowhere else.
+"""THE model adapter for Qwen2-VL and Qwen2.5-VL: every fact about the models lives here, and nowhere else.
 
 - the checkpoint key table (on-disk names are the same for transformers 4.46 and 5.x),
 - which linears are W8A8 and which linears read the same input (they share one activation observer),
@@ -6,7 +6,11 @@
 - how to run one vision block and one decoder layer for the installed transformers version.
 
 The rest of the package speaks in checkpoint names ("model.layers.3.self_attn.q_proj") and never touches
-transformers' module tree.
+transformers' module tree, nor asks which model it has: what differs between the two (the vision block, the merger,
+the transformers class) is the Family table below, chosen by config.json's model_type. Their decoders are the same.
+Qwen2.5-VL's vision blocks are RMSNorm + windowed attention + a gated MLP: the patches enter the blocks permuted into
+window order, most blocks attend within windows (fullatt_block_indexes attend over the whole image), and the merger
+output is put back in image order; vision_prefix takes each block's own call and that order from the tower itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import inspect
 import json
 import os
+from typing import Callable
 
 import torch
 import transformers
@@ -24,7 +29,7 @@ from .errors import UserError
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 
-MODEL_TYPES = ("qwen2_vl",)
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 VISION_BLOCK = "visual.blocks.{i}."
 DECODER_LAYER = "model.layers.{i}."
@@ -72,10 +77,64 @@ VISION_SMOOTH = (
 )
 ATTENTION = {"decoder": ("self_attn", "o_proj"), "vision": ("attn", "proj")}  # attention module, its output linear
 
+# Qwen2.5-VL's vision block, as msModelSlim treats it: qkv, proj and gate/up (one input, one observer) are W8A8,
+# mlp.down_proj stays float like the decoder's. Its norms are RMSNorm (no bias), so m2 scales without a shift.
+Q25_VISION_GROUPS = (
+    ("attn.qkv",),
+    ("attn.proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+Q25_VISION_SMOOTH = (
+    SmoothGroup("norm1", Q25_VISION_GROUPS[0], "attention", ("m2", "m4")),
+    SmoothGroup("attn.qkv", Q25_VISION_GROUPS[1], "linear", ("m4",), v_rows=True),
+    SmoothGroup("norm2", Q25_VISION_GROUPS[2], "gated_mlp", ("m2", "m4")),
+)
+
+
+def _qwen2vl_block(e: int, m: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "norm1.weight": (e,), "norm1.bias": (e,),
+        "norm2.weight": (e,), "norm2.bias": (e,),
+        "attn.qkv.weight": (3 * e, e), "attn.qkv.bias": (3 * e,),
+        "attn.proj.weight": (e, e), "attn.proj.bias": (e,),
+        "mlp.fc1.weight": (m, e), "mlp.fc1.bias": (m,),
+        "mlp.fc2.weight": (e, m), "mlp.fc2.bias": (e,),
+    }
+
+
+def _qwen25vl_block(e: int, m: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "norm1.weight": (e,), "norm2.weight": (e,),
+        "attn.qkv.weight": (3 * e, e), "attn.qkv.bias": (3 * e,),
+        "attn.proj.weight": (e, e), "attn.proj.bias": (e,),
+        "mlp.gate_proj.weight": (m, e), "mlp.gate_proj.bias": (m,),
+        "mlp.up_proj.weight": (m, e), "mlp.up_proj.bias": (m,),
+        "mlp.down_proj.weight": (e, m), "mlp.down_proj.bias": (e,),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What one model_type's checkpoints and transformers classes look like, where the two models differ."""
+
+    model_class: str  # the transformers class
+    since: str  # the first transformers release that has it
+    vision_groups: tuple[tuple[str, ...], ...]
+    vision_smooth: tuple[SmoothGroup, ...]
+    vision_block: Callable[[int, int], dict]  # (width, mlp width) -> {name in the block: shape}, in registration order
+    merger_norm_bias: bool  # LayerNorm ln_q (Qwen2-VL) or RMSNorm (Qwen2.5-VL)
+
+
+FAMILIES = {
+    "qwen2_vl": Family("Qwen2VLForConditionalGeneration", "4.45", VISION_GROUPS, VISION_SMOOTH, _qwen2vl_block, True),
+    "qwen2_5_vl": Family("Qwen2_5_VLForConditionalGeneration", "4.49", Q25_VISION_GROUPS, Q25_VISION_SMOOTH,
+                         _qwen25vl_block, False),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
-    """The sizes of one Qwen2-VL, read from config.json (flat 4.46 layout or nested 5.x layout)."""
+    """The sizes of one Qwen2-VL or Qwen2.5-VL, read from config.json (flat 4.x layout or nested 5.x layout)."""
 
     vocab_size: int
     hidden_size: int
@@ -92,16 +151,32 @@ class Arch:
     vision_temporal_patch_size: int
     vision_merge_size: int
     image_token_id: int
+    model_type: str = "qwen2_vl"
+    vision_out_dim: int = 0  # the merger's output width (the LLM's hidden size); 0: hidden_size
+    vision_window_size: int = 0  # Qwen2.5-VL: attention window side in pixels; 0: every block attends globally
+    vision_fullatt_blocks: tuple[int, ...] = ()  # Qwen2.5-VL: the blocks that attend over the whole image
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
     @classmethod
     def from_dict(cls, cfg: dict) -> "Arch":
         text = {**cfg, **cfg.get("text_config", {})}
         vis = cfg.get("vision_config", {})
-        embed = vis.get("embed_dim", 1280)
+        model_type = cfg.get("model_type", "qwen2_vl")
+        if model_type == "qwen2_5_vl":  # vision hidden_size is the blocks' width, out_hidden_size the merger's
+            embed, mlp = vis.get("hidden_size", 1280), vis.get("intermediate_size", 3420)
+            out = vis.get("out_hidden_size", text["hidden_size"])
+            window, fullatt = vis.get("window_size", 112), tuple(vis.get("fullatt_block_indexes", (7, 15, 23, 31)))
+        else:  # Qwen2-VL: embed_dim is the blocks' width, hidden_size the merger's
+            embed = vis.get("embed_dim", 1280)
+            mlp = int(embed * vis.get("mlp_ratio", 4))
+            out, window, fullatt = text["hidden_size"], 0, ()
         return cls(
             vocab_size=text["vocab_size"],
             hidden_size=text["hidden_size"],
@@ -112,17 +187,21 @@ class Arch:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             vision_depth=vis.get("depth", 32),
             vision_embed_dim=embed,
-            vision_mlp_dim=int(embed * vis.get("mlp_ratio", 4)),
+            vision_mlp_dim=mlp,
             vision_in_chans=vis.get("in_chans", vis.get("in_channels", 3)),
             vision_patch_size=vis.get("patch_size", 14),
             vision_temporal_patch_size=vis.get("temporal_patch_size", 2),
             vision_merge_size=vis.get("spatial_merge_size", 2),
             image_token_id=cfg.get("image_token_id", text.get("image_token_id", 151655)),
+            model_type=model_type,
+            vision_out_dim=out,
+            vision_window_size=window,
+            vision_fullatt_blocks=fullatt,
         )
 
 
 def read_config(model_path: str) -> dict:
-    """config.json of a model directory, checked to be a Qwen2-VL."""
+    """config.json of a model directory, checked to be a Qwen2-VL or Qwen2.5-VL the installed transformers runs."""
     path = os.path.join(model_path, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"model_path: {model_path} has no config.json; "
@@ -136,33 +215,36 @@ def read_config(model_path: str) -> dict:
     if model_type not in MODEL_TYPES:
         raise UserError(
             f"model_path: {model_path} holds model_type {model_type!r}, not a Qwen2-VL "
-            f"(expected one of {', '.join(MODEL_TYPES)}); this tool quantizes Qwen2-VL checkpoints only"
+            f"(expected one of {', '.join(MODEL_TYPES)}); this tool quantizes Qwen2-VL and Qwen2.5-VL checkpoints only"
+        )
+    family = FAMILIES[model_type]
+    if not os.path.isdir(os.path.join(os.path.dirname(transformers.__file__), "models", model_type)):  # no import
+        raise UserError(
+            f"model_path: {model_path} holds model_type {model_type!r}, which needs transformers >= {family.since} "
+            f"(installed: {transformers.__version__}); pip install 'transformers>={family.since}'"
         )
     return cfg
 
 
 def checkpoint_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen2-VL checkpoint holds, name -> shape, in module registration order (the order of
-    transformers 4.46's state_dict, which is the order the reference writes its description json in)."""
+    """Every tensor a Qwen2-VL / Qwen2.5-VL checkpoint holds, name -> shape, in module registration order (the
+    order of transformers' state_dict, which is the order the reference writes its description json in)."""
     h, e, m = arch.hidden_size, arch.vision_embed_dim, arch.vision_mlp_dim
     kv = arch.num_kv_heads * arch.head_dim
     merged = e * arch.vision_merge_size**2
+    out = arch.vision_out_dim or h
     p, t = arch.vision_patch_size, arch.vision_temporal_patch_size
     shapes: dict[str, tuple[int, ...]] = {"visual.patch_embed.proj.weight": (e, arch.vision_in_chans, t, p, p)}
+    block = arch.family.vision_block(e, m)
     for i in range(arch.vision_depth):
         b = VISION_BLOCK.format(i=i)
-        shapes.update({
-            b + "norm1.weight": (e,), b + "norm1.bias": (e,),
-            b + "norm2.weight": (e,), b + "norm2.bias": (e,),
-            b + "attn.qkv.weight": (3 * e, e), b + "attn.qkv.bias": (3 * e,),
-            b + "attn.proj.weight": (e, e), b + "attn.proj.bias": (e,),
-            b + "mlp.fc1.weight": (m, e), b + "mlp.fc1.bias": (m,),
-            b + "mlp.fc2.weight": (e, m), b + "mlp.fc2.bias": (e,),
-        })
+        shapes.update({b + n: shape for n, shape in block.items()})
+    shapes["visual.merger.ln_q.weight"] = (e,)
+    if arch.family.merger_norm_bias:
+        shapes["visual.merger.ln_q.bias"] = (e,)
     shapes.update({
-        "visual.merger.ln_q.weight": (e,), "visual.merger.ln_q.bias": (e,),
         "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
-        "visual.merger.mlp.2.weight": (h, merged), "visual.merger.mlp.2.bias": (h,),
+        "visual.merger.mlp.2.weight": (out, merged), "visual.merger.mlp.2.bias": (out,),
         "model.embed_tokens.weight": (arch.vocab_size, h),
     })
     for i in range(arch.num_layers):
@@ -188,10 +270,15 @@ def observer_groups(arch: Arch) -> list[tuple[str, ...]]:
     """Every group of W8A8 linears (checkpoint prefixes without '.weight') that share one input, in run order."""
     groups = []
     for i in range(arch.vision_depth):
-        groups += [tuple(VISION_BLOCK.format(i=i) + n for n in g) for g in VISION_GROUPS]
+        groups += [tuple(VISION_BLOCK.format(i=i) + n for n in g) for g in unit_groups("vision", arch)]
     for i in range(arch.num_layers):
-        groups += [tuple(DECODER_LAYER.format(i=i) + n for n in g) for g in DECODER_GROUPS]
+        groups += [tuple(DECODER_LAYER.format(i=i) + n for n in g) for g in unit_groups("decoder", arch)]
     return groups
+
+
+def unit_groups(kind: str, arch: Arch) -> tuple[tuple[str, ...], ...]:
+    """The observer groups of one vision block (kind 'vision') or decoder layer ('decoder'), names in the unit."""
+    return arch.family.vision_groups if kind == "vision" else DECODER_GROUPS
 
 
 def quantized_linears(arch: Arch) -> list[str]:
@@ -227,11 +314,11 @@ def load_hf_config(model_path: str, trust_remote_code: bool):
 
 
 def build_skeleton(hf_config, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """Qwen2VLForConditionalGeneration with every parameter on the meta device (no memory); the small buffers
-    (rotary inverse frequencies) stay real, on `device`."""
+    """The model (Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration) with every parameter on
+    the meta device (no memory); the small buffers (rotary inverse frequencies) stay real, on `device`."""
     from accelerate import init_empty_weights
 
-    cls = transformers.Qwen2VLForConditionalGeneration
+    cls = getattr(transformers, FAMILIES[hf_config.model_type].model_class)
     kwargs = {"attn_implementation": "sdpa", ("dtype" if TF5 else "torch_dtype"): dtype}
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(hf_config, **kwargs)
@@ -284,46 +371,90 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
-class _Recorder(nn.Module):
-    """Stands in for the vision blocks for one pass: records what block 0 is called with, passes hidden through."""
+@dataclasses.dataclass(frozen=True)
+class VisionCall:
+    """How one sample runs through the vision tower: blocks[i] = (args, kwargs) of block i (Qwen2.5-VL's windowed
+    and full-attention blocks differ in cu_seqlens), and `order`, the rows of the merger output in image order
+    (Qwen2.5-VL's blocks run on patches in window order), None when they already are."""
 
-    def __init__(self, sink: list):
+    blocks: tuple
+    order: torch.Tensor | None
+
+
+class _Recorder(nn.Module):
+    """Stands in for vision block i for one pass: records its call (and block 0 its input), passes hidden through."""
+
+    def __init__(self, sink: dict, i: int):
         super().__init__()
-        self.sink = sink
+        self.sink, self.i = sink, i
 
     def forward(self, hidden_states, *args, **kwargs):
-        if not self.sink:
-            self.sink.append((hidden_states, args, kwargs))
+        if self.i == 0:
+            self.sink["hidden"] = hidden_states
+        self.sink["calls"].append((args, kwargs))
         return hidden_states
 
 
-def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, read=None):
-    """Patch-embed one sample's pixels and work out the keyword arguments every vision block is called with.
+class _RowNumbers(nn.Module):
+    """Stands in for the merger: returns its output rows' numbers, so whatever reordering the tower applies to the
+    merger output comes back as an index vector."""
 
-    Runs the vision tower's own forward with recorders in place of the blocks, so the rotary embedding and
-    cu_seqlens come from the installed transformers version itself. Returns (hidden [patches, embed], call).
-    With `read`, the patch embedding is loaded for this call and released after; without, it must be live.
+    def __init__(self, unit: int):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x):
+        return torch.arange(x.shape[0] // self.unit, device=x.device)[:, None]
+
+
+def vision_prefix(model: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, read=None):
+    """Patch-embed one sample's pixels and work out how every vision block is called and how the merger output is
+    ordered.
+
+    Runs the vision tower's own forward with recorders in place of the blocks and the merger, so the rotary
+    embedding, each block's cu_seqlens and the window order come from the installed transformers version itself.
+    Returns (hidden [patches, embed], VisionCall). With `read`, the patch embedding is loaded for this call and
+    released after; without, it must be live.
     """
     visual = vision_tower(model)
     if read is not None:
         materialize(visual.patch_embed, "visual.patch_embed.", read)
-    sink: list = []
+    sink: dict = {"calls": []}
     blocks, merger = visual.blocks, visual.merger
-    visual.blocks = nn.ModuleList([_Recorder(sink)])
-    visual.merger = nn.Identity()
+    visual.blocks = nn.ModuleList([_Recorder(sink, i) for i in range(len(blocks))])
+    visual.merger = _RowNumbers(visual.spatial_merge_size ** 2)
     try:
-        visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
+        out = visual(pixel_values.to(visual.patch_embed.proj.weight.dtype), grid_thw=grid_thw)
     finally:
         visual.blocks, visual.merger = blocks, merger
         if read is not None:
             release(visual.patch_embed)
-    hidden, args, kwargs = sink[0]
-    return hidden, (args, kwargs)
+    rows = out if isinstance(out, torch.Tensor) else getattr(out, "pooler_output", None)
+    rows = (out[1] if isinstance(out, tuple) else out) if rows is None else rows
+    order = rows[:, 0].clone()
+    if torch.equal(order, torch.arange(len(order), device=order.device)):
+        order = None
+    return sink["hidden"], VisionCall(tuple(sink["calls"]), order)
+
+
+def unit_call(call, prefix: str):
+    """The call of the unit at checkpoint `prefix` out of a sample's call: a vision block's own (args, kwargs) out
+    of its VisionCall; a decoder call is every layer's."""
+    if isinstance(call, VisionCall):
+        return call.blocks[int(prefix.rstrip(".").rpartition(".")[2])]
+    return call
 
 
 def run_vision_block(block: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
+    """call: the block's own (args, kwargs) (unit_call)."""
     args, kwargs = call
     return block(hidden, *args, **kwargs)
+
+
+def run_merger(merger: nn.Module, hidden: torch.Tensor, call: VisionCall) -> torch.Tensor:
+    """The image embeddings [merged tokens, LLM hidden] in image order, from the last block's output."""
+    out = merger(hidden)
+    return out if call.order is None else out[call.order]
 
 
 def rope_index(model: nn.Module, input_ids: torch.Tensor, grid_thw: torch.Tensor, image_token_id: int):
@@ -335,7 +466,8 @@ def rope_index(model: nn.Module, input_ids: torch.Tensor, grid_thw: torch.Tensor
             mm = (input_ids == image_token_id).int()
             return owner.get_rope_index(input_ids, mm, image_grid_thw=grid_thw)[0]
         return owner.get_rope_index(input_ids, image_grid_thw=grid_thw)[0]
-    return model.get_rope_index(input_ids, grid_thw, None, torch.ones_like(input_ids))[0]
+    # by keyword: Qwen2.5-VL's 4.x signature has second_per_grid_ts before attention_mask
+    return model.get_rope_index(input_ids, image_grid_thw=grid_thw, attention_mask=torch.ones_like(input_ids))[0]
 
 
 def decoder_input(rows, input_ids: torch.Tensor, image_embeds: torch.Tensor, image_token_id: int,
@@ -368,9 +500,9 @@ def run_decoder_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Ten
 # --- what the anti-outlier searches need to know about the model -------------------------------------------------
 
 
-def smooth_groups(kind: str, method: str) -> list[SmoothGroup]:
+def smooth_groups(kind: str, method: str, arch: Arch) -> list[SmoothGroup]:
     """The groups `method` smooths in a decoder layer (kind 'decoder') or a vision block ('vision')."""
-    table = DECODER_SMOOTH if kind == "decoder" else VISION_SMOOTH
+    table = DECODER_SMOOTH if kind == "decoder" else arch.family.vision_smooth
     return [g for g in table if method in g.methods]
 
 
@@ -396,16 +528,25 @@ def _slice_seq(v, start: int, end: int):
     return v
 
 
+def _clip_seqlens(cu: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """cu_seqlens of tokens [start, end): the sequence boundaries inside the window, so attention stays within both
+    the window and the sequences (Qwen2.5-VL's attention windows) it cuts."""
+    inner = cu[(cu > start) & (cu < end)] - start
+    return torch.cat([cu.new_tensor([0]), inner, cu.new_tensor([end - start])])
+
+
 def window_call(call, start: int, end: int):
     """The call of a layer restricted to tokens [start, end) of one sample: rotary tables and position ids cut to
-    the window; for vision one sequence (cu_seqlens [0, w]), so attention stays within the window."""
+    the window; for vision cu_seqlens cut to it (one sequence [0, w] when the block attends over the whole image),
+    so attention stays within the window."""
     args, kwargs = call
     out = {}
     for k, v in kwargs.items():
         if k == "cu_seqlens":
-            out[k] = torch.tensor([0, end - start], dtype=v.dtype, device=v.device)
+            out[k] = _clip_seqlens(v, start, end)
         elif k == "max_seqlen":
-            out[k] = end - start
+            cu = _clip_seqlens(kwargs["cu_seqlens"], start, end) if "cu_seqlens" in kwargs else None
+            out[k] = end - start if cu is None else int((cu[1:] - cu[:-1]).max())
         elif k == "position_ids" and isinstance(v, torch.Tensor):
             out[k] = v[..., start:end]
         else:
@@ -447,11 +588,12 @@ def batch_windows(kind: str, calls: list) -> list[tuple[list[int], tuple]]:
         parts = [calls[i][1] for i in b]
         kwargs = {}
         for k, v in parts[0].items():
-            if k == "cu_seqlens":
-                n = torch.tensor([0] + [lengths[i] for i in b], dtype=v.dtype, device=v.device)
-                kwargs[k] = n.cumsum(0).to(v.dtype)
+            if k == "cu_seqlens":  # each window's sequences, one after the other
+                ends = [p[k][1:] for p in parts]
+                offsets = torch.tensor([0] + [lengths[i] for i in b[:-1]]).cumsum(0).tolist()
+                kwargs[k] = torch.cat([v.new_tensor([0])] + [e + o for e, o in zip(ends, offsets)])
             elif k == "max_seqlen":
-                kwargs[k] = max(lengths[i] for i in b)
+                kwargs[k] = max(p[k] if isinstance(p[k], int) else lengths[i] for i, p in zip(b, parts))
             elif kind == "vision":
                 kwargs[k] = _join([p[k] for p in parts], -2)  # the sequence axis
             elif k == "position_ids" and isinstance(v, torch.Tensor):

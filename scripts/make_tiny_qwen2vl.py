@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Write a small Qwen2-VL model directory with random weights, for tests, the demo and benchmarks.
+"""Write a small Qwen2-VL (or Qwen2.5-VL) model directory with random weights, for tests, the demo and benchmarks.
 
-The directory looks like a real Qwen2-VL checkpoint: config.json in the flat layout of Qwen2-VL-7B-Instruct
-(which transformers 4.46 and 5.x both read), sharded safetensors with model.safetensors.index.json and the
-original key names, an offline byte-level BPE tokenizer (tokenizer.json, vocab.json, merges.txt), the Qwen2-VL
-chat template, and an image processor config. Weights come from a fixed seed.
+The directory looks like a real checkpoint: config.json in the flat layout of Qwen2-VL-7B-Instruct /
+Qwen2.5-VL-7B-Instruct (which transformers 4.x and 5.x both read), sharded safetensors with
+model.safetensors.index.json and the original key names, an offline byte-level BPE tokenizer (tokenizer.json,
+vocab.json, merges.txt), the Qwen2-VL chat template (Qwen2.5-VL's is the same), and an image processor config.
+Weights come from a fixed seed.
 
-Activation outliers are injected on purpose, as real Qwen2-VL checkpoints have them: a few channels of every
-RMSNorm / LayerNorm weight are scaled up (and the vision LayerNorm biases shifted), so the inputs of q/k/v,
-gate/up, qkv and fc1 carry channels far larger than the rest, and smoothing measurably matters.
+Activation outliers are injected on purpose, as real checkpoints have them: a few channels of every RMSNorm /
+LayerNorm weight are scaled up (and Qwen2-VL's vision LayerNorm biases shifted), so the inputs of q/k/v, gate/up,
+qkv and fc1 (Qwen2.5-VL: the vision gate/up) carry channels far larger than the rest, and smoothing measurably
+matters.
 
     python scripts/make_tiny_qwen2vl.py OUT_DIR [--num_hidden_layers 4] [--dtype float16] ...
+    python scripts/make_tiny_qwen2vl.py OUT_DIR --model_type qwen2_5_vl   # 4 vision blocks, full attention in 1 and 3
 """
 
 from __future__ import annotations
@@ -100,8 +103,38 @@ def model_config(args, ids: dict[str, int]) -> dict:
     half = head_dim // 2
     t = half // 4
     mrope = [t, (half - t) // 2, half - t - (half - t) // 2]  # 16/24/24 of 64 in the real model
+    q25 = args.model_type == "qwen2_5_vl"
+    if q25:  # the layout of Qwen2.5-VL-7B-Instruct's vision_config
+        vision = {
+            "depth": args.vision_depth,
+            "hidden_act": "silu",
+            "hidden_size": args.vision_embed_dim,
+            "intermediate_size": args.vision_intermediate_size,
+            "num_heads": args.vision_num_heads,
+            "in_chans": 3,
+            "out_hidden_size": args.hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "window_size": args.window_size,
+            "fullatt_block_indexes": args.fullatt_block_indexes,
+            "tokens_per_second": 2,
+            "temporal_patch_size": 2,
+        }
+    else:
+        vision = {
+            "depth": args.vision_depth,
+            "embed_dim": args.vision_embed_dim,
+            "mlp_ratio": 4,
+            "num_heads": args.vision_num_heads,
+            "in_chans": 3,
+            "hidden_size": args.hidden_size,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
     return {
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "architectures": ["Qwen2_5_VLForConditionalGeneration" if q25 else "Qwen2VLForConditionalGeneration"],
         "attention_dropout": 0.0,
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
@@ -116,7 +149,7 @@ def model_config(args, ids: dict[str, int]) -> dict:
         "intermediate_size": args.intermediate_size,
         "max_position_embeddings": 32768,
         "max_window_layers": args.num_hidden_layers,
-        "model_type": "qwen2_vl",
+        "model_type": args.model_type,
         "num_attention_heads": args.num_attention_heads,
         "num_hidden_layers": args.num_hidden_layers,
         "num_key_value_heads": args.num_key_value_heads,
@@ -125,20 +158,10 @@ def model_config(args, ids: dict[str, int]) -> dict:
         "sliding_window": 32768,
         "tie_word_embeddings": False,
         "torch_dtype": args.dtype,
-        "transformers_version": "4.46.0",
+        "transformers_version": "4.49.0" if q25 else "4.46.0",
         "use_cache": True,
         "use_sliding_window": False,
-        "vision_config": {
-            "depth": args.vision_depth,
-            "embed_dim": args.vision_embed_dim,
-            "mlp_ratio": 4,
-            "num_heads": args.vision_num_heads,
-            "in_chans": 3,
-            "hidden_size": args.hidden_size,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        "vision_config": vision,
         "rope_scaling": {"type": "mrope", "mrope_section": mrope},
         "vocab_size": args.vocab_size,
     }
@@ -202,7 +225,7 @@ def build(out_dir: str, argv: list[str] | None = None) -> str:
         "min_pixels": args.min_pixels, "max_pixels": args.max_pixels, "patch_size": 14, "temporal_patch_size": 2,
         "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": "Qwen2VLProcessor"})
+        "processor_class": "Qwen2_5_VLProcessor" if args.model_type == "qwen2_5_vl" else "Qwen2VLProcessor"})
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
     tensors = random_weights(Arch.from_dict(cfg), args.seed, dtype, args.outlier_scale)
     write_shards(out_dir, tensors, args.num_shards)
@@ -212,6 +235,7 @@ def build(out_dir: str, argv: list[str] | None = None) -> str:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
+    p.add_argument("--model_type", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl")
     p.add_argument("--hidden_size", type=int, default=64)
     p.add_argument("--intermediate_size", type=int, default=176)
     p.add_argument("--num_hidden_layers", type=int, default=3)
@@ -219,9 +243,15 @@ def parse_args(argv):
     p.add_argument("--num_key_value_heads", type=int, default=2)
     p.add_argument("--vocab_size", type=int, default=512, help="embedding rows (>= tokenizer_vocab)")
     p.add_argument("--tokenizer_vocab", type=int, default=400)
-    p.add_argument("--vision_depth", type=int, default=2)
+    p.add_argument("--vision_depth", type=int, default=None, help="default 2 (qwen2_5_vl: 4)")
     p.add_argument("--vision_embed_dim", type=int, default=32)
     p.add_argument("--vision_num_heads", type=int, default=2)
+    p.add_argument("--vision_intermediate_size", type=int, default=64, help="qwen2_5_vl: the vision gated MLP's width")
+    p.add_argument("--window_size", type=int, default=112,
+                   help="qwen2_5_vl: attention window side in pixels (112 as released: 4 x 4 merged patches, so "
+                        "the bundled images at the default max_pixels make 4 windows)")
+    p.add_argument("--fullatt_block_indexes", type=int, nargs="*", default=None,
+                   help="qwen2_5_vl: the vision blocks that attend over the whole image (default 1 3)")
     p.add_argument("--min_pixels", type=int, default=56 * 56)
     p.add_argument("--max_pixels", type=int, default=28 * 28 * 48,
                    help="image processor limit (real models: 12845056); small keeps tests fast")
@@ -233,6 +263,16 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.vocab_size < args.tokenizer_vocab:
         p.error(f"--vocab_size {args.vocab_size} must be >= --tokenizer_vocab {args.tokenizer_vocab}")
+    q25 = args.model_type == "qwen2_5_vl"
+    if args.vision_depth is None:
+        args.vision_depth = 4 if q25 else 2
+    if args.fullatt_block_indexes is None:
+        args.fullatt_block_indexes = [1, 3] if q25 else []
+    if not q25 and args.fullatt_block_indexes:
+        p.error("--fullatt_block_indexes is for --model_type qwen2_5_vl (every Qwen2-VL block attends globally)")
+    bad = [i for i in args.fullatt_block_indexes if not 0 <= i < args.vision_depth]
+    if bad:
+        p.error(f"--fullatt_block_indexes {bad[0]} is not a vision block (0..{args.vision_depth - 1})")
     return args
 
 
