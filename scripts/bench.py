@@ -338,6 +338,11 @@ def main() -> int:
     p.add_argument("--idle", type=float, default=0.3,
                    help="before each run wait until other processes use fewer cores than this (0: do not wait)")
     p.add_argument("--idle_wait", type=float, default=1800, help="longest wait for a quiet machine, seconds")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the runs (and the floor) already in --json instead of running them again, except "
+                        "those named by --rerun; their outputs must still be in --work")
+    p.add_argument("--rerun", nargs="*", default=[], metavar="RUN",
+                   help="with --reuse: measure these runs again (names as in the table, e.g. 'ours m2 8L', 'floor')")
     a = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the working folder is still removed
     small, large = a.layers or ((2, 4) if a.quick else (8, 32))
@@ -366,8 +371,18 @@ def main() -> int:
         print(f"models: {', '.join(models.values())} ({' '.join(sizes)}); {images} images in {calib}", flush=True)
 
         runs: dict[str, dict] = {}
+        before = {}
+        if a.reuse and os.path.exists(a.json):
+            with open(a.json) as f:
+                before = json.load(f)
 
         def run(name, fn, *args):
+            if name in before.get("runs", {}) and name not in a.rerun:
+                runs[name] = dict(before["runs"][name])
+                if fn is ours:
+                    runs[name]["hashes"] = tree_hashes(args[3])
+                print(f"  {name}: from {a.json}", flush=True)
+                return runs[name]
             if a.idle > 0:
                 wait_idle(a.idle, a.idle_wait)
             print(f"{name} ...", flush=True)
@@ -387,10 +402,13 @@ def main() -> int:
                 run(name, reference, a, models[small], calib, out(name), method,
                     os.path.join(logs, name.replace(" ", "_") + ".txt"))
         out_bytes = int(runs[f"ours none {small}L"]["written_mib"] * 2**20)
-        if a.idle > 0:
-            wait_idle(a.idle, a.idle_wait)
-        print("floor ...", flush=True)
-        fl = floor(a, models[small], calib, out_bytes, os.path.join(logs, "floor.txt"))
+        if "floor" in before and "floor" not in a.rerun:
+            fl = before["floor"]
+        else:
+            if a.idle > 0:
+                wait_idle(a.idle, a.idle_wait)
+            print("floor ...", flush=True)
+            fl = floor(a, models[small], calib, out_bytes, os.path.join(logs, "floor.txt"))
         print(f"  floor: read {fl['read_s']:.2f} s + forward {fl['forward_s']:.2f} s ({fl['samples']} samples, "
               f"{fl['tokens']} tokens) + write {fl['write_s']:.2f} s = {fl['total_s']:.2f} s", flush=True)
         for method in ("none", "m2"):
