@@ -76,6 +76,9 @@ def main() -> int:
                    help="sustained TFLOP/s assumed for a card on these matmuls (default 100)")
     p.add_argument("--disk_gbs", type=float, default=2.0, help="disk read/write GB/s assumed (default 2)")
     p.add_argument("--threads", type=int, default=2, help="threads of the bench's 1-rank runs (default 2)")
+    p.add_argument("--cpu_gflops", type=float, default=None,
+                   help="this CPU's float32 matmul GFLOP/s with --threads threads (default: measured now; pass it "
+                        "when the machine is busy)")
     a = p.parse_args()
 
     b = json.load(open(a.bench))
@@ -93,7 +96,7 @@ def main() -> int:
     v_big = layer_weights(big, "visual.blocks.0.") * big.vision_depth
     tokens_big = a.images * plan.TOKENS
     patches = plan.TOKENS * big.vision_merge_size ** 2  # per image
-    g_cpu = cpu_gflops(a.threads)
+    g_cpu = a.cpu_gflops or cpu_gflops(a.threads)
     to_card = g_cpu / (a.card_tflops * 1e3)
 
     fwd_big = fwd_med * (w_big / w_med) * (tokens_big / tokens_med) * to_card
