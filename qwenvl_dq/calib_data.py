@@ -146,14 +146,15 @@ class Preprocessor:
 
 def load_samples(folder: str, model_path: str, *, limit: int | None = None, prompt: str = DEFAULT_PROMPT,
                  min_pixels: int | None = None, max_pixels: int | None = None,
-                 trust_remote_code: bool = False) -> list[Sample]:
-    """One Sample per readable image of `folder`; unreadable ones are skipped with a warning naming them."""
+                 trust_remote_code: bool = False, role: str = "calib_images") -> list[Sample]:
+    """One Sample per readable image of `folder`; unreadable ones are skipped with a warning naming them.
+    role: the flag named in messages."""
     pre = Preprocessor(model_path, trust_remote_code, min_pixels, max_pixels)
-    return read_samples(pre, folder, list_images(folder), limit, prompt)
+    return read_samples(pre, folder, list_images(folder, role=role), limit, prompt, role)
 
 
 def read_samples(pre: Preprocessor, folder: str, paths: list[str], limit: int | None = None,
-                 prompt: str = DEFAULT_PROMPT) -> list[Sample]:
+                 prompt: str = DEFAULT_PROMPT, role: str = "calib_images") -> list[Sample]:
     """Samples of the image files `paths` of `folder` in order, at most `limit`, skipping (with a warning that
     names them) the files that are not usable images; a UserError when none is left."""
     samples, bad = [], []
@@ -163,9 +164,9 @@ def read_samples(pre: Preprocessor, folder: str, paths: list[str], limit: int | 
         try:
             samples.append(pre(path, prompt))
         except BadImage as e:
-            log.warning("calib_images: skipping %s, it is not a readable image (%s)", path, e)
+            log.warning("%s: skipping %s, it is not a readable image (%s)", role, path, e)
             bad.append(path)
     if not samples:
-        raise UserError(f"calib_images: none of the {len(bad)} image files in {folder} could be read "
+        raise UserError(f"{role}: none of the {len(bad)} image files in {folder} could be read "
                         f"({', '.join(os.path.basename(b) for b in bad[:5])}); add valid images")
     return samples

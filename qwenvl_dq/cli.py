@@ -212,7 +212,7 @@ def run_quantize(a: argparse.Namespace, entry: list[str], argv: list[str]) -> in
             report = evaluate.evaluate(cfg.model_path, [("quantized", cfg.save_directory)], cfg.evaluate_images,
                                        prompt=cfg.prompt, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
                                        device=dist.device_for(cfg.device_type),
-                                       trust_remote_code=cfg.trust_remote_code)
+                                       trust_remote_code=cfg.trust_remote_code, role="evaluate_images")
         except UserError as e:
             return user_error(f"the output is complete, but evaluating it failed: {e}", cfg.log_level)
         from .writer import write_json

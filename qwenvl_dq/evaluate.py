@@ -141,11 +141,11 @@ def check_output_dir(path: str) -> None:
 @torch.inference_mode()
 def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, limit: int | None = None,
              prompt: str = DEFAULT_PROMPT, min_pixels: int | None = None, max_pixels: int | None = None,
-             device: torch.device = torch.device("cpu"), trust_remote_code: bool = False, logits: dict | None = None
-             ) -> dict:
+             device: torch.device = torch.device("cpu"), trust_remote_code: bool = False, logits: dict | None = None,
+             role: str = "images") -> dict:
     """Run the float model and every (label, directory) in `quantized` on the images; returns the report.
     logits: a dict to receive every side's final logits ({label or "float": [float32 [tokens, vocab] per
-    sample]})."""
+    sample]}); role: the flag that named the images, for messages."""
     src_cfg = qwen2vl.read_config(model_path)
     arch = qwen2vl.Arch.from_dict(src_cfg)
     ref = Side("float", Checkpoint(model_path), device)
@@ -155,7 +155,7 @@ def evaluate(model_path: str, quantized: list[tuple[str, str]], images: str, lim
         check_output_dir(path)
         sides.append(Side(label, Checkpoint(path, role="quantized"), device))
     samples = calib_data.load_samples(images, model_path, limit=limit, prompt=prompt, min_pixels=min_pixels,
-                                      max_pixels=max_pixels, trust_remote_code=trust_remote_code)
+                                      max_pixels=max_pixels, trust_remote_code=trust_remote_code, role=role)
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(model_path, trust_remote_code), dtype, device)
     everyone = [ref, *sides]
 

@@ -95,10 +95,9 @@ class PartWriter:
     only when there are several, as save_pretrained does."""
 
     def __init__(self, out_dir: str, base: str, specs: list[TensorSpec], limit: int | None,
-                 metadata: dict | None = None, hf_names: bool = False, on_write=None):
-        """on_write(nbytes) after each tensor (a progress bar)."""
+                 metadata: dict | None = None, hf_names: bool = False):
         self.out_dir = out_dir
-        self.on_write = on_write
+        self.on_write = None  # on_write(nbytes) after each tensor, when set (a progress bar)
         self.parts = split_parts(specs, limit)
         self.numbered = len(self.parts) > 1 if hf_names else limit is not None
         self.names = part_names(base, len(self.parts), self.numbered)

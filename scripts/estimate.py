@@ -50,7 +50,7 @@ def output_bytes(arch: qwen2vl.Arch, el: int = 2) -> int:
         numel = torch.Size(s).numel()
         total += numel if (p in quantized and leaf == "weight") else numel * el
         if p in quantized and leaf == "weight":
-            total += s[0] * (2 * el + 4 + 4) + 4 * el  # weight scale/offset, quant_bias, deq_scale, input scale/offset
+            total += s[0] * (2 * el + 4 + 4) + 2 * el  # weight scale/offset, quant_bias, deq_scale, input scale/offset
     return total
 
 

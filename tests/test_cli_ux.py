@@ -130,6 +130,14 @@ def test_evaluate_images_checked_before_any_work(tiny_model, tmp_path, capsys):
     assert "evaluate_images: " in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
+def test_evaluate_names_its_own_images_flag(tiny_model, output, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["evaluate", "--model_path", tiny_model, "--quantized", str(output), "--images", str(empty),
+                     "--report", str(tmp_path / "r.json")]) == 2
+    assert f"error: images: {empty} holds no image files" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def output(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("inspect") / "o"
