@@ -245,6 +245,7 @@ class Stage:
     anti_method: str = "none"
     act_symmetric: bool = False
     on_layer: Callable | None = None  # on_layer(prefix, restored) when a unit's results are known
+    on_unit: Callable | None = None  # on_unit(prefix, live module, its results) before a finished module is released
     on_sample: Callable | None = None
     journal: Journal | None = None
     dtype: torch.dtype | None = None  # the saved (model) dtype; None: the live parameters' own
@@ -296,6 +297,11 @@ class Stage:
 
     def live(self, prefix: str) -> nn.Module:
         return qwen2vl.materialize(qwen2vl.named_module(self.model, prefix), prefix, self.read)
+
+    def done(self, prefix: str, module: nn.Module, results: dict[str, torch.Tensor]) -> None:
+        """A module whose results are final, still live (the patch embedding and the merger have none)."""
+        if self.on_unit:
+            self.on_unit(prefix, module, results)
 
 
 def _to_decoder(stage: Stage, merger: nn.Module, sample: Sample, vision_out: torch.Tensor,
@@ -350,8 +356,13 @@ def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None,
                 log.info("searching the %s factors of this rank's %d layers", stage.anti_method, len(searching))
             for u in units:
                 results.update(u.finish(sweep, vcalls if u.kind == "vision" else dcalls))
-                if sweep == stage.sweeps - 1 and stage.on_layer:
-                    stage.on_layer(u.prefix, u.restored)
+                if sweep == stage.sweeps - 1:
+                    stage.done(u.prefix, u.module, u.results)
+                    if stage.on_layer:
+                        stage.on_layer(u.prefix, u.restored)
+        if d.is_main:
+            stage.done("visual.patch_embed.", patch_embed, {})
+            stage.done("visual.merger.", merger, {})
         d.wait_sends()
     finally:
         for m in [u.module for u in units] + ([patch_embed, merger] if d.is_main else []):
@@ -371,6 +382,7 @@ def _layer_major(stage: Stage, u: Layer, chains: list[list[torch.Tensor]], calls
                 state["k"] = k
                 hiddens[k] = stage.step(u, hiddens[k], calls[k])
             results.update(u.finish(sweep, calls))
+        stage.done(u.prefix, u.module, u.results)
     finally:
         qwen2vl.release(u.module)
     if stage.on_layer:
@@ -384,13 +396,14 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
     d, model = stage.d, stage.model
     results: dict[str, torch.Tensor] = {}
     if d.is_main:
-        stage.live("visual.patch_embed.")
+        patch_embed = stage.live("visual.patch_embed.")
         hv, vcalls = [], []
         for s in samples:
             h, call = stage.prefix(s)
             hv.append(h)
             vcalls.append(call)
-        qwen2vl.release(qwen2vl.vision_tower(model).patch_embed)
+        stage.done("visual.patch_embed.", patch_embed, {})
+        qwen2vl.release(patch_embed)
         chains = [list(hv) for _ in range(stage.sweeps)]
         del hv
         for u in units:
@@ -400,6 +413,7 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
                      for s in samples]
         merger = stage.live("visual.merger.")
         chains = [[_to_decoder(stage, merger, s, h, c) for s, h, c in zip(samples, hs, vcalls)] for hs in chains]
+        stage.done("visual.merger.", merger, {})
         qwen2vl.release(merger)
     else:
         chains = []

@@ -237,9 +237,9 @@ def summary_text(summary, report: dict | None = None) -> str:
             lines.append(f"peak memory (rank {rank}): " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
                                                                    for k, v in peaks.items()))
     read = summary.bytes_read + sum(o["bytes_read"] for o in summary.ranks.values())
-    lines.append(f"read {read / 2**20:.1f} MiB from the source, all ranks together (its tensors are "
-                 f"{summary.source_bytes / 2**20:.1f} MiB: calibration reads each rank's layers, the merge reads "
-                 f"everything once)")
+    lines.append(f"read {read / 2**20:.1f} MiB from the source, all ranks together "
+                 f"({read / max(summary.source_bytes, 1):.2f}x its {summary.source_bytes / 2**20:.1f} MiB of tensors: "
+                 f"each rank reads its layers once and writes them as they are solved)")
     if report is not None:
         from . import evaluate
 

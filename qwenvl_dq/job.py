@@ -8,18 +8,20 @@ temporary names, and every solved layer is in the journal (.qwenvl_dq/), which -
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 
-from . import (allocator, calib_data, calibrate, dist, export_ct, export_mindie, journal, merge, outdir, plan, progress,
-               qwen2vl)
+from . import (allocator, calib_data, calibrate, dist, export_ct, export_mindie, journal, merge, outdir, output, plan,
+               progress, qwen2vl)
 from .checkpoint import Checkpoint
 from .config import ACT_METHODS, Config
 from .errors import UserError
-from .writer import PartWriter, write_json
+from .writer import PartLayout, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,73 +61,62 @@ def check_checkpoint(ckpt: Checkpoint, arch: qwen2vl.Arch) -> None:
                             f"{list(shape)}; the weights and config.json are from different models")
 
 
-def write_output(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
-                 results: dict[str, torch.Tensor], bars: progress.Progress | None = None) -> tuple[list[str], int]:
-    """Every output file in --output_format's layout; the completion marker (MindIE: the description json;
-    compressed-tensors: config.json) last, then the marker and the journal go."""
-    bars = bars or progress.Progress(False)
-    if cfg.output_format == "compressed-tensors":
-        return _write_compressed_tensors(cfg, ckpt, arch, src_cfg, dtype, results, bars)
-    out = cfg.save_directory
+@dataclasses.dataclass
+class OutputFormat:
+    """--output_format's weight files: their layout (every rank computes the same), the MindIE layout's specs that
+    merge.produce makes them from, how each produced tensor maps into the written layout, and the index's name."""
+
+    layout: PartLayout
+    specs: list
+    convert: Callable | None
+    index: str
+    version: str | None = None  # compressed-tensors': the package version that validated the config
+
+
+def output_format(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, dtype: torch.dtype) -> OutputFormat:
     specs = merge.output_specs(ckpt, arch, dtype)
-    files, written = _write_parts(cfg, export_mindie.WEIGHT_BASE + ".safetensors.index.json",
-                                  PartWriter(out, export_mindie.WEIGHT_BASE, specs, cfg.part_bytes),
-                                  merge.produce(ckpt, specs, results, dtype), specs, bars)
-    export_mindie.write_config(out, export_mindie.config_json(
-        src_cfg, cfg.mindie_format, ACT_METHODS[cfg.act_method], cfg.anti_method, cfg.device_type))
-    files.append("config.json")
-    files += export_mindie.copy_side_files(cfg.model_path, out)
-    desc = export_mindie.description_name(cfg.mindie_format)
-    write_json(os.path.join(out, desc), export_mindie.description_json(merge.description(specs, arch),
-                                                                         cfg.mindie_format),
-               export_mindie.JSON_MODE, indent=2)
-    files.append(desc)
-    outdir.finish(out)
-    return files, written
-
-
-def _write_compressed_tensors(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, src_cfg: dict, dtype: torch.dtype,
-                              results: dict[str, torch.Tensor], bars: progress.Progress) -> tuple[list[str], int]:
-    out = cfg.save_directory
-    qc = export_ct.quantization_config(arch, cfg.act_symmetric)
-    version = export_ct.validate(qc)  # before any weight is written
+    if cfg.output_format != "compressed-tensors":
+        return OutputFormat(PartLayout(export_mindie.WEIGHT_BASE, specs, cfg.part_bytes), specs, None,
+                            export_mindie.WEIGHT_BASE + ".safetensors.index.json")
+    version = export_ct.validate(export_ct.quantization_config(arch, cfg.act_symmetric))  # before any weight
     quantized = set(qwen2vl.quantized_linears(arch))
-    mindie_specs = merge.output_specs(ckpt, arch, dtype)
-    specs = export_ct.tensor_specs(mindie_specs, quantized, dtype, cfg.act_symmetric)
-    stream = (got for name, t in merge.produce(ckpt, mindie_specs, results, dtype)
-              if (got := export_ct.convert(name, t, quantized, dtype, cfg.act_symmetric)) is not None)
-    writer = PartWriter(out, export_ct.WEIGHT_BASE, specs, cfg.part_bytes, export_ct.SAFETENSORS_METADATA,
-                        hf_names=True)
-    files, written = _write_parts(cfg, export_ct.INDEX, writer, stream, specs, bars)
-    files += export_mindie.copy_side_files(cfg.model_path, out)
-    export_mindie.write_config(out, export_ct.config_json(src_cfg, arch, cfg.act_symmetric, version))
-    files.append("config.json")
-    outdir.finish(out)
-    return files, written
+    layout = PartLayout(export_ct.WEIGHT_BASE, export_ct.tensor_specs(specs, quantized, dtype, cfg.act_symmetric),
+                        cfg.part_bytes, export_ct.SAFETENSORS_METADATA, hf_names=True)
+    return OutputFormat(layout, specs, functools.partial(export_ct.convert, quantized=quantized, model_dtype=dtype,
+                                                         act_symmetric=cfg.act_symmetric),
+                        export_ct.INDEX, version)
 
 
-def _write_parts(cfg: Config, index: str, writer: PartWriter, stream, specs,
-                 bars: progress.Progress) -> tuple[list[str], int]:
-    """Stream (name, tensor) into the writer's parts and rename them whole; then the index, when the parts are
-    numbered."""
+def finish_output(cfg: Config, fmt: OutputFormat, written: set[str], src_cfg: dict, arch: qwen2vl.Arch) -> list[str]:
+    """Rank 0, once every rank's tensors are written and synced: the parts renamed whole, the index when they are
+    numbered, the copied files, config.json and (MindIE) the description json, the completion marker
+    (compressed-tensors: config.json) last; then the INCOMPLETE marker and the journal go."""
     out = cfg.save_directory
-    bars.start("write", sum(s.nbytes for s in specs), "write", unit="B", scale=True)
-    writer.on_write = lambda nbytes: bars.update("write", nbytes)
-    try:
-        for name, tensor in stream:
-            writer.write(name, tensor)
-        parts = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+    parts = fmt.layout.commit(out, written)
     for p in parts:
         os.chmod(os.path.join(out, p), export_mindie.WEIGHT_MODE)
     files = list(parts)
-    if writer.numbered:
-        write_json(os.path.join(out, index), {"metadata": {"total_size": sum(s.nbytes for s in specs)},
-                                              "weight_map": writer.weight_map()}, export_mindie.JSON_MODE, indent=2)
-        files.append(index)
-    return files, writer.bytes_written
+    if fmt.layout.numbered:
+        write_json(os.path.join(out, fmt.index), {"metadata": {"total_size": fmt.layout.nbytes},
+                                                  "weight_map": fmt.layout.weight_map()},
+                   export_mindie.JSON_MODE, indent=2)
+        files.append(fmt.index)
+    if cfg.output_format == "compressed-tensors":
+        files += export_mindie.copy_side_files(cfg.model_path, out)
+        export_mindie.write_config(out, export_ct.config_json(src_cfg, arch, cfg.act_symmetric, fmt.version))
+        files.append("config.json")
+    else:
+        export_mindie.write_config(out, export_mindie.config_json(
+            src_cfg, cfg.mindie_format, ACT_METHODS[cfg.act_method], cfg.anti_method, cfg.device_type))
+        files.append("config.json")
+        files += export_mindie.copy_side_files(cfg.model_path, out)
+        desc = export_mindie.description_name(cfg.mindie_format)
+        write_json(os.path.join(out, desc), export_mindie.description_json(merge.description(fmt.specs, arch),
+                                                                             cfg.mindie_format),
+                   export_mindie.JSON_MODE, indent=2)
+        files.append(desc)
+    outdir.finish(out)
+    return files
 
 
 def output_bytes(cfg: Config, ckpt: Checkpoint, arch: qwen2vl.Arch, dtype: torch.dtype) -> int:
@@ -211,40 +202,68 @@ def quantize(cfg: Config) -> Summary | None:
 def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Progress) -> Summary:
     seconds = {}
     src_cfg, arch, ckpt, dtype = source
+    out = cfg.save_directory
     layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device))
-    mine = layout.ranks[d.rank]
     if d.is_main and d.world_size > 1:
         log.info("plan:\n%s", plan.report(layout, arch, dtype))
+    fmt = output_format(cfg, ckpt, arch, dtype)
     samples = None
     if d.is_main:
         try:
             samples, digest = _start_output(cfg, ckpt, arch, dtype)
+            with outdir.disk_errors(out, "creating the weight files"):
+                fmt.layout.create(out)
+                token = output.share_token(out) if d.world_size > 1 else None
         except UserError as e:
-            d.broadcast_object(("error", str(e), None), "the calibration images")
+            d.broadcast_object(("error", str(e), None, None), "the calibration images")
             raise
-        d.broadcast_object(("samples", len(samples), digest), "the calibration images")
+        d.broadcast_object(("samples", len(samples), digest, token), "the calibration images")
         log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
         n = len(samples)
     else:
-        what, n, digest = d.broadcast_object(None, "the calibration images")
+        what, n, digest, token = d.broadcast_object(None, "the calibration images")
         if what == "error":
             raise UserError(f"rank 0: {n}")
+    try:
+        return _run(cfg, d, t0, source, bars, layout, fmt, samples, n, digest, token, seconds)
+    except BaseException:
+        if d.is_main:
+            fmt.layout.abort(out)
+        raise
+
+
+def _run(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Progress, layout: plan.Plan,
+         fmt: OutputFormat, samples: list | None, n: int, digest: str, token: str | None, seconds: dict) -> Summary:
+    src_cfg, arch, ckpt, dtype = source
+    out = cfg.save_directory
+    mine = layout.ranks[d.rank]
+    shared = d.world_size == 1 or d.agree(output.sees_token(out, token), "whether save_directory is shared")
+    if not shared and d.is_main:
+        log.warning("save_directory %s is not the same directory on every rank (hosts that do not share it): rank 0 "
+                    "writes every weight, reading the other ranks' layers from the source a second time", out)
+    weights = output.Weights(out, fmt.layout, fmt.specs, output.owners(fmt.specs, layout, shared), d.rank, ckpt,
+                             dtype, fmt.convert)
     seconds["plan"] = time.perf_counter() - t0
 
     peaks = {"plan": allocator.peak_rss()}
     allocator.reset_peak()
     t = time.perf_counter()
-    jour = journal.Journal(cfg.save_directory, digest, cfg.resume)
+    jour = journal.Journal(out, digest, cfg.resume)
     compute = calibrate.compute_dtype(d.device.type, dtype)
     model = qwen2vl.build_skeleton(qwen2vl.load_hf_config(cfg.model_path, cfg.trust_remote_code), compute, d.device)
+
+    def on_unit(prefix, module, results):
+        with outdir.disk_errors(out, "writing the output"):
+            weights.write_unit(prefix, module, results)
+
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
                             act_symmetric=cfg.act_symmetric,
                             on_layer=_solved(d, bars), on_sample=_progress(bars) if d.is_main else None,
-                            journal=jour, dtype=dtype, compute=compute)
+                            on_unit=on_unit, journal=jour, dtype=dtype, compute=compute)
     if mine.resident:  # samples go through the whole slice one by one (layer-major: the solve bar is the progress)
         bars.start("calibrate", stage.sweeps * n, "calibrate", unit="sample")
     bars.start("solve", arch.vision_depth * d.is_main + len(range(*mine.layers)), "solve", unit="layer")
-    with outdir.disk_errors(cfg.save_directory, "saving solved layers to the journal"):
+    with outdir.disk_errors(out, "saving solved layers to the journal"):
         results = calibrate.calibrate(stage, samples, n)
     if jour.restored:
         log.info("resume: %d results of this rank's layers came from the journal", jour.restored)
@@ -252,28 +271,48 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progres
     seconds["calibrate"] = time.perf_counter() - t
     del model, stage
     peaks["calibrate"] = allocator.peak_rss()
-    if not d.is_main:
-        d.send_object((results, {"peak_rss": peaks, "bytes_read": ckpt.bytes_read}), 0, "this rank's results")
-        return Summary(cfg.save_directory, [], 0, 0, seconds, d.rank, read, ckpt.bytes_read, peaks)
-    t = time.perf_counter()
-    others = {}
-    for r in range(1, d.world_size):
-        got, others[r] = d.recv_object(r, f"rank {r}'s results")
-        results.update(got)
-    seconds["gather"] = time.perf_counter() - t
-    log.info("calibration done in %.1f s: %d results from %d ranks; merging", seconds["calibrate"], len(results),
-             d.world_size)
 
     allocator.reset_peak()
     t = time.perf_counter()
-    with outdir.disk_errors(cfg.save_directory, "writing the output"):
-        files, written = write_output(cfg, ckpt, arch, src_cfg, dtype, results, bars)
+    others = {}
+    if d.is_main and not shared:  # rank 0 writes the other ranks' layers too: it needs their results first
+        _gather(d, results, others)
+    bars.start("write", weights.rest_bytes, "write", unit="B", scale=True)
+    weights.files.on_write = lambda nbytes: bars.update("write", nbytes)
+    try:
+        with outdir.disk_errors(out, "writing the output"):
+            weights.write_rest(results)
+            weights.close()
+    except BaseException:
+        weights.files.drop()
+        raise
+    written = weights.files.bytes_written
+    if not d.is_main:
+        seconds["write"] = time.perf_counter() - t
+        peaks["write"] = allocator.peak_rss()
+        d.send_object((results, {"peak_rss": peaks, "bytes_read": ckpt.bytes_read, "written": weights.files.written,
+                                 "bytes_written": written}), 0, "this rank's results")
+        return Summary(out, [], written, 0, seconds, d.rank, read, ckpt.bytes_read, peaks)
+    if shared:
+        _gather(d, results, others)
+    log.info("calibration done in %.1f s: %d results from %d ranks; %s", seconds["calibrate"], len(results),
+             d.world_size, "finishing the output")
+    names = set(weights.files.written).union(*(o["written"] for o in others.values()))
+    written += sum(o["bytes_written"] for o in others.values())
+    with outdir.disk_errors(out, "writing the output"):
+        files = finish_output(cfg, fmt, names, src_cfg, arch)
     seconds["write"] = time.perf_counter() - t
     peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
-    return Summary(cfg.save_directory, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks,
-                   others)
+    return Summary(out, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks, others)
+
+
+def _gather(d: dist.Dist, results: dict, others: dict) -> None:
+    """Rank 0: every other rank's results into `results`, its figures into `others`."""
+    for r in range(1, d.world_size):
+        got, others[r] = d.recv_object(r, f"rank {r}'s results")
+        results.update(got)
 
 
 def _solved(d: dist.Dist, bars: progress.Progress):

@@ -1,8 +1,9 @@
-"""Rank 0's merge: stream every source tensor once, fold the smoothing factors in, quantize the W8A8 linears, keep
-the rest as they are.
+"""The output's tensors: fold the smoothing factors in, quantize the W8A8 linears, keep the rest as they are.
 
 output_specs() lists every output tensor (name, dtype, shape) before anything is computed, so the writer can lay
-out the parts; produce() then yields the tensors in that same order, reading each source tensor once.
+out the parts; produce() then yields the tensors of a list of specs in that order, from a source: a calibrated
+layer's live module (LiveSource: its parameters already hold the folded values; nothing is read again) or the
+checkpoint (CheckpointSource: each tensor read once, the factors folded in from the results).
 
 Per W8A8 linear <p> (in this order, the reference's): <p>.weight int8 [out, in], <p>.bias (float, where the linear
 has one), <p>.weight_scale and <p>.weight_offset [out, 1] in the model dtype, <p>.input_scale and <p>.input_offset
@@ -11,9 +12,11 @@ has one), <p>.weight_scale and <p>.weight_offset [out, 1] in the model dtype, <p
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from . import int8, qwen2vl, smooth
 from .checkpoint import Checkpoint
@@ -91,10 +94,49 @@ def module_params(ckpt: Checkpoint, prefix: str, results: dict[str, torch.Tensor
     return smooth.fold(raw, smooth.module_factors(results, prefix))
 
 
-def produce(ckpt: Checkpoint, specs: list[TensorSpec], results: dict[str, torch.Tensor],
+@dataclasses.dataclass
+class CheckpointSource:
+    """Tensors read from the checkpoint, the smoothing factors in `results` folded in."""
+
+    ckpt: Checkpoint
+    results: dict[str, torch.Tensor]
+
+    def params(self, prefix: str) -> dict[str, torch.Tensor]:
+        return module_params(self.ckpt, prefix, self.results)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ckpt.get(name)
+
+
+@dataclasses.dataclass
+class LiveSource:
+    """The parameters of a calibrated unit's live module (checkpoint prefix `prefix`, with its dot): they hold the
+    saved values in the compute dtype, the smoothing already folded in (calibrate.apply_smoothing), so converting
+    back to each tensor's source dtype is exact. They are copied to host memory first: the quantization math runs
+    on the host CPU on every device, as it does from the checkpoint, so the bytes do not depend on the card. A
+    tensor the module does not hold is read from the checkpoint."""
+
+    module: nn.Module
+    prefix: str
+    ckpt: Checkpoint
+
+    def params(self, prefix: str) -> dict[str, torch.Tensor]:
+        mod, dt = self.module.get_submodule(prefix[len(self.prefix):]), self.ckpt.dtype
+        return {k: v.detach().to("cpu", dt(f"{prefix}.{k}")) for k, v in mod.named_parameters(recurse=False)
+                if k in ("weight", "bias") and f"{prefix}.{k}" in self.ckpt}
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.module.get_parameter(name[len(self.prefix):]).detach().to("cpu", self.ckpt.dtype(name))
+        except AttributeError:
+            return self.ckpt.get(name)
+
+
+def produce(source, specs: list[TensorSpec], results: dict[str, torch.Tensor],
             model_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) in the order of `specs`. results holds <p>.input_scale / <p>.input_offset per W8A8
-    linear and the smoothing factors (smooth.KEYS) per smoothed module."""
+    """Yield (name, tensor) in the order of `specs`, every tensor of a module the specs name (a linear's bias and
+    quant tensors follow its weight). results holds <p>.input_scale / <p>.input_offset per W8A8 linear and the
+    smoothing factors (smooth.KEYS) per smoothed module; source: a CheckpointSource or LiveSource."""
     pending: dict[str, torch.Tensor] = {}
     for spec in specs:
         name = spec.name
@@ -103,7 +145,7 @@ def produce(ckpt: Checkpoint, specs: list[TensorSpec], results: dict[str, torch.
             continue
         p, _, leaf = name.rpartition(".")
         if spec.dtype == torch.int8 and leaf == "weight" and (p + ".input_scale") in results:
-            params = module_params(ckpt, p, results)
+            params = source.params(p)
             bias = params.get("bias")
             q = quantize_linear(params["weight"], bias, results[p + ".input_scale"], results[p + ".input_offset"],
                                 model_dtype)
@@ -112,11 +154,11 @@ def produce(ckpt: Checkpoint, specs: list[TensorSpec], results: dict[str, torch.
             pending.update({f"{p}.{k}": q[k] for k in QUANT_SUFFIXES})
             yield name, q["weight"]
         elif leaf in ("weight", "bias") and smooth.module_factors(results, p):
-            params = module_params(ckpt, p, results)
+            params = source.params(p)
             pending.update({f"{p}.{k}": v for k, v in params.items() if k != leaf})
             yield name, params[leaf]
         else:
-            yield name, ckpt.get(name)
+            yield name, source.get(name)
     if pending:
         raise RuntimeError(f"merge: tensors computed but not in the plan: {sorted(pending)[:3]}")
 

@@ -91,10 +91,16 @@ def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int
 
 
 def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_layers: int, resident: bool,
-          images: int, smoothing: bool, main: bool) -> int:
-    """dtype: what the live layers hold and compute in; weights and largest: their bytes in it."""
+          images: int, smoothing: bool, main: bool, last: bool, src_el: int) -> int:
+    """dtype: what the live layers hold and compute in; weights and largest: their bytes in it; src_el: the
+    checkpoint dtype's width. A unit's weights are quantized and written as soon as it is solved, while the rank
+    still holds its layers (output.py), so that work adds to what is held; the token embeddings (rank 0) and the
+    head (the last rank) are written after calibration, from the checkpoint."""
     el = torch.empty(0, dtype=dtype).element_size()
     work = TOKENS * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
+    # quantizing the largest linear: its weight in the source dtype and the int8 result (int8.quantize_weight
+    # works in blocks of rows, so no full float32 copy)
+    quant = arch.intermediate_size * arch.hidden_size * (src_el + 1)
     # token reservoirs (float32) of the smoothed groups: q/k/v and gate/up read `hidden`, o_proj reads heads * dim
     reservoir = RESERVOIR_TOKENS * arch.hidden_size * 3 * 4 if smoothing else 0
     chains = 2 if smoothing else 1
@@ -102,8 +108,9 @@ def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_
         held = weights + reservoir * n_layers + 2 * TOKENS * arch.hidden_size * el * chains
     else:
         held = largest + reservoir + images * TOKENS * arch.hidden_size * el * chains
-    merge = max(arch.intermediate_size, arch.vocab_size) * arch.hidden_size * 4 if main else 0
-    return max(held + work, merge + TOKENS * arch.hidden_size * 4)
+    # (rank 0 writes every tensor from the checkpoint after calibration when save_directory is not shared)
+    rest = max(arch.vocab_size * arch.hidden_size * src_el, quant) if main or last else 0
+    return max(held + max(work, quant), rest + TOKENS * arch.hidden_size * 4)
 
 
 def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: int | None = None,
@@ -119,7 +126,8 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
     for r, (a, b) in enumerate(slices):
         weights = sum(layers[a:b]) + (vision if r == 0 else 0)
         held = int(weights * widen)
-        kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0)
+        kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0, last=r == world_size - 1,
+                  src_el=torch.empty(0, dtype=dtype).element_size())
         resident_peak = _peak(arch, compute, held, largest, resident=True, **kw)
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)

@@ -33,6 +33,7 @@ MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 VISION_BLOCK = "visual.blocks.{i}."
 DECODER_LAYER = "model.layers.{i}."
+HEAD_PREFIXES = ("model.norm.", "lm_head.")  # what runs after the last decoder layer
 
 # Linears that read the same tensor share one observer, so they carry the same input_scale/input_offset.
 # Left in float, as the reference does: every mlp.down_proj and vision mlp.fc2 (their inputs, act(gate)*up and
@@ -264,6 +265,15 @@ def checkpoint_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     if not arch.tie_word_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     return shapes
+
+
+def decoder_index(name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to ('model.layers.7.mlp.up_proj.weight' -> 7), else None."""
+    head = DECODER_LAYER.split("{")[0]
+    if not name.startswith(head):
+        return None
+    index = name[len(head):].split(".")[0]
+    return int(index) if index.isdigit() else None
 
 
 def observer_groups(arch: Arch) -> list[tuple[str, ...]]:

@@ -117,7 +117,9 @@ def test_summary_with_quality_figures(tiny_model, tmp_path, capsys):
     assert float(m.group(3)) == pytest.approx(report["runs"]["quantized"]["logits_cosine"], abs=1e-5)
     assert 0.9 < float(m.group(3)) <= 1.0
     assert re.search(r"MiB of weights from [0-9.]+ MiB of source tensors \([0-9.]+x smaller\)", text)
-    assert re.search(r"read [0-9.]+ MiB from the source, all ranks together", text)
+    m = re.search(r"read ([0-9.]+) MiB from the source, all ranks together \(([0-9.]+)x its ([0-9.]+) MiB", text)
+    assert m and float(m.group(1)) == pytest.approx(float(m.group(2)) * float(m.group(3)), abs=0.06)  # .1f MiB
+    assert 1.0 <= float(m.group(2)) < 1.1  # once, and the embedding rows calibration needs
     assert (out / "quant_model_description.json").exists() and not (out / "INCOMPLETE").exists()
 
 

@@ -62,7 +62,7 @@ def test_resident_and_layer_major_give_the_same_results(tiny_model, method):
         assert torch.equal(got[0][k], got[1][k]), k
 
 
-def test_each_rank_reads_only_its_own_layers_once(five_layers, tmp_path):
+def test_each_rank_reads_only_its_own_layers_once_and_writes_them(five_layers, tmp_path):
     ranks = probes(run_ranks(3, seed_flags(five_layers, tmp_path / "o", "--anti_method", "m2"), script=PROBE))
     ckpt = Checkpoint(five_layers)
     arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(five_layers))
@@ -79,6 +79,23 @@ def test_each_rank_reads_only_its_own_layers_once(five_layers, tmp_path):
         assert len(rows) == (6 if r == 0 else 0), r
         assert len(read) - len(rows) == len(set(read) - {"model.embed_tokens.weight"}), r
     assert [layout.ranks[r].layers for r in range(3)] == [(0, 1), (1, 3), (3, 5)]
+    # the whole run reads the source once: each rank writes its layers from memory as they are solved; rank 0 reads
+    # the embedding table whole (calibration read only rows of it) and the last rank the final norm and the head
+    nbytes = {n: ckpt.nbytes(n) for n in ckpt.names()}
+    head = {n for n in ckpt.names() if n.startswith(qwen2vl.HEAD_PREFIXES)}
+    assert head and ranks[1]["bytes_read"] == sum(nbytes[n] for n in set(ranks[1]["read"]))
+    assert ranks[2]["bytes_read"] == sum(nbytes[n] for n in set(ranks[2]["read"]) | head)
+    rows = ranks[0]["bytes_read"] - sum(nbytes[n] for n in set(ranks[0]["read"]))
+    assert 0 < rows < nbytes["model.embed_tokens.weight"]
+    assert sum(p["bytes_read"] for p in ranks.values()) == sum(nbytes.values()) + rows
+    # and every rank writes its own share; rank 0's figure is every rank's
+    data = 0
+    for f in os.listdir(tmp_path / "o"):
+        if f.endswith(".safetensors"):
+            with open(tmp_path / "o" / f, "rb") as fh:
+                data += os.path.getsize(fh.name) - 8 - int.from_bytes(fh.read(8), "little")
+    assert ranks[1]["bytes_written"] > 0 and ranks[2]["bytes_written"] > 0
+    assert ranks[0]["bytes_written"] == data > ranks[1]["bytes_written"] + ranks[2]["bytes_written"]
 
 
 def test_a_killed_rank_stops_every_other_rank_with_its_name(five_layers, tmp_path):
@@ -128,7 +145,7 @@ def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "32 vision blocks, 80 decoder layers, 136.73 GiB of weights (bfloat16)" in out
     assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
-            "pipelined, estimated peak 20.05 GiB") in out
+            "pipelined, estimated peak 20.27 GiB") in out
     assert "rank 7: decoder layers 70..79 (10 layers): 16.35 GiB of weights" in out
     assert "(no weights in model_path: sizes from config.json)" in out
     assert not os.path.exists(tmp_path / "o")
@@ -136,7 +153,7 @@ def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
     assert quantize(model, tmp_path / "o", "--dry_run", "--ranks", "8", "--max_memory", "64", "--anti_method",
                     "m2") == 0
     assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
-            "pipelined, estimated peak 37.76 GiB") in capsys.readouterr().out
+            "pipelined, estimated peak 37.98 GiB") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

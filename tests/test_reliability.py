@@ -316,7 +316,7 @@ def test_a_disk_that_fills_during_the_write_leaves_a_resumable_incomplete_output
 def test_an_injected_enospc_during_the_write_is_one_clear_error(tiny_model, tmp_path, capsys, monkeypatch):
     """The same as the tmpfs test wherever mounting is not allowed: the third part fails as a full disk would."""
     writes = []
-    real = writer.PartWriter.write
+    real = writer.PartFiles.write
 
     def write(self, name, tensor):
         writes.append(name)
@@ -324,7 +324,7 @@ def test_an_injected_enospc_during_the_write_is_one_clear_error(tiny_model, tmp_
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(self, name, tensor)
 
-    monkeypatch.setattr(writer.PartWriter, "write", write)
+    monkeypatch.setattr(writer.PartFiles, "write", write)
     out = tmp_path / "o"
     assert quantize(tiny_model, out, "--part_file_size", "0.0001") == 2
     err = capsys.readouterr().err
