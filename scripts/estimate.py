@@ -13,8 +13,11 @@ How:
   vision blocks likewise, per weight, with the full attention of each image;
 - those CPU seconds become card seconds at the ratio of this CPU's float32 matmul speed (measured here, now) to
   --card_tflops, the rate assumed for the card on these matmuls (a third of an Ascend 910B's or an A100's bf16 peak);
-- every rank reads its own slice at the same time (the plan balances them), rank 0 the whole source again for the
-  merge, which quantizes at the rate the bench's write phase measured and writes the output at --disk_gbs.
+- every rank reads its own slice at the same time (the plan balances them) and quantizes and writes each of its
+  layers as soon as it is solved (qwenvl_dq/output.py), at the rate merge.quantize_linear runs on this CPU with
+  --threads threads (measured now; the bench's calibrate phase includes that work, so it is taken out of the
+  per-layer forward) or the disk's --disk_gbs shared by all ranks, whichever is slower; after calibration rank 0
+  reads and writes the token embeddings and the last rank the head.
 Every input is printed beside the result: it is an estimate, not a measurement.
 """
 
@@ -65,6 +68,20 @@ def cpu_gflops(threads: int) -> float:
     return 2 * 2048 * 1024 * 2816 * n / (time.perf_counter() - t) / 1e9
 
 
+def quantize_mibs(threads: int) -> float:
+    """MiB/s of bf16 source weight through merge.quantize_linear on this CPU (a 4096 x 4096 linear)."""
+    from qwenvl_dq import merge
+
+    torch.set_num_threads(threads)
+    w = torch.randn(4096, 4096).to(torch.bfloat16)
+    scale, offset = torch.tensor([0.02]), torch.tensor([3.0])
+    merge.quantize_linear(w, None, scale, offset, torch.bfloat16)
+    t, n = time.perf_counter(), 5
+    for _ in range(n):
+        merge.quantize_linear(w, None, scale, offset, torch.bfloat16)
+    return w.numel() * 2 * n / (time.perf_counter() - t) / 2**20
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bench", help="bench.json from scripts/bench.py (medium model, 8 and 32 layers)")
@@ -79,16 +96,22 @@ def main() -> int:
     p.add_argument("--cpu_gflops", type=float, default=None,
                    help="this CPU's float32 matmul GFLOP/s with --threads threads (default: measured now; pass it "
                         "when the machine is busy)")
+    p.add_argument("--quantize_mibs", type=float, default=None,
+                   help="MiB/s of source weight quantized per rank on the host CPU (default: measured now)")
     a = p.parse_args()
 
     b = json.load(open(a.bench))
     runs = b["runs"]
     med = qwen2vl.Arch.from_dict(qwen2vl.read_config(b["models"]["8"]["path"]))
     big = qwen2vl.Arch.from_dict(qwen2vl.read_config(a.config))
+    g_cpu = a.cpu_gflops or cpu_gflops(a.threads)
+    q_rate = (a.quantize_mibs or quantize_mibs(a.threads)) * 2**20  # source bytes per second and rank
+    _, layer_bytes_med, _ = plan.sizes(med, torch.bfloat16)
+    write_med = layer_bytes_med[0] / q_rate  # s per layer of the medium model's calibrate phase spent writing it
     cal = {k: runs[f"ours {k}"]["seconds"]["calibrate"] for k in ("none 8L", "none 32L", "m2 8L", "m2 32L")}
-    fwd_med = (cal["none 32L"] - cal["none 8L"]) / 24  # s per layer, one sweep
+    fwd_med = (cal["none 32L"] - cal["none 8L"]) / 24 - write_med  # s per layer, one sweep
     search_med = (cal["m2 32L"] - cal["m2 8L"]) / 24 - 2 * fwd_med
-    vis_med = cal["m2 8L"] - 8 * (2 * fwd_med + search_med)  # vision tower + fixed costs of the m2 run
+    vis_med = cal["m2 8L"] - 8 * (2 * fwd_med + search_med + write_med)  # vision tower + fixed costs of the m2 run
     tokens_med = b["floor"]["tokens"]
     w_med = layer_weights(med, "model.layers.0.")
     w_big = layer_weights(big, "model.layers.0.")
@@ -96,7 +119,6 @@ def main() -> int:
     v_big = layer_weights(big, "visual.blocks.0.") * big.vision_depth
     tokens_big = a.images * plan.TOKENS
     patches = plan.TOKENS * big.vision_merge_size ** 2  # per image
-    g_cpu = a.cpu_gflops or cpu_gflops(a.threads)
     to_card = g_cpu / (a.card_tflops * 1e3)
 
     fwd_big = fwd_med * (w_big / w_med) * (tokens_big / tokens_med) * to_card
@@ -111,27 +133,30 @@ def main() -> int:
     src = layout.total_bytes
     out = output_bytes(big)
     read_slices = src / (a.disk_gbs * 1e9)  # the ranks' slices together, all at once from one disk
-    w = runs["ours none 8L"]
-    merge_rate = w["source_mib"] * 2**20 / w["seconds"]["write"]  # source bytes per second through the merge
-    merge = max(src / merge_rate, (src + out) / (a.disk_gbs * 1e9))
-    total = read_slices + compute + merge
-
+    vision_bytes, layer_bytes, _ = plan.sizes(big, torch.bfloat16)
+    slices = [sum(layer_bytes[slice(*r.layers)]) + (vision_bytes if r.rank == 0 else 0) for r in layout.ranks]
+    # each rank quantizes its own slice (at once: one host CPU's cores shared), the disk takes every rank's output
+    write = max(max(slices) / q_rate, out / (a.disk_gbs * 1e9))
+    table = big.vocab_size * big.hidden_size * 2
+    rest = 4 * table / (a.disk_gbs * 1e9)  # embeddings (rank 0) and head (last rank): read and written, one disk
+    total = read_slices + compute + write + rest
     print(f"target: {a.config}: {big.num_layers} decoder layers, {big.vision_depth} vision blocks, "
           f"{src / GIB:.1f} GiB bf16;\n  {a.ranks} cards of {a.card_gib:.0f} GiB, {a.images} images x "
           f"{plan.TOKENS} tokens")
     print(f"measured (bench.json, medium model, {med.num_layers}/32 layers, {tokens_med} tokens): per decoder layer "
           f"forward {fwd_med:.2f} s per sweep, m2 search {search_med:.2f} s; vision + fixed {vis_med:.1f} s; "
-          f"merge {merge_rate / 2**20:.0f} MiB/s of source")
-    print(f"this CPU: {g_cpu:.0f} GFLOP/s float32 ({a.threads} threads); card assumed {a.card_tflops:.0f} TFLOP/s, "
-          f"disk {a.disk_gbs:.1f} GB/s")
+          f"write {write_med:.2f} s (of the calibrate phase)")
+    print(f"this CPU: {g_cpu:.0f} GFLOP/s float32, quantizes {q_rate / 2**20:.0f} MiB/s of bf16 weight "
+          f"({a.threads} threads); card assumed {a.card_tflops:.0f} TFLOP/s, disk {a.disk_gbs:.1f} GB/s")
     print(f"scale: layer weights x{w_big / w_med:.0f}, tokens x{tokens_big / tokens_med:.1f}, "
           f"vision weights x{v_big / v_med:.0f}")
     print("per card: " + ", ".join(f"rank {r.rank} {counts[i]} layers peak {r.peak / GIB:.1f} GiB"
                                      for i, r in enumerate(layout.ranks[:2])) + ", ... (the --dry_run plan)")
     print(f"estimate: read slices {read_slices / 60:.1f} min + calibrate {compute / 60:.1f} min (per layer: forward "
-          f"{fwd_big:.1f} s x 2 sweeps + search {search_big:.1f} s; rank 0's vision tower {vis_big:.0f} s) + merge "
-          f"and write {merge / 60:.1f} min ({src / GIB:.0f} GiB read, {out / GIB:.0f} GiB written) = "
-          f"{total / 60:.0f} min; I/O {100 * (read_slices + merge) / total:.0f}% of it")
+          f"{fwd_big:.1f} s x 2 sweeps + search {search_big:.1f} s; rank 0's vision tower {vis_big:.0f} s) + "
+          f"quantize and write the layers {write / 60:.1f} min (each rank its slice, at most "
+          f"{max(slices) / GIB:.0f} GiB; {out / GIB:.0f} GiB written in all) + embeddings and head "
+          f"{rest / 60:.1f} min = {total / 60:.0f} min; I/O {100 * (read_slices + write + rest) / total:.0f}% of it")
     return 0
 
 

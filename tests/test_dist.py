@@ -98,6 +98,23 @@ def test_each_rank_reads_only_its_own_layers_once_and_writes_them(five_layers, t
     assert ranks[0]["bytes_written"] == data > ranks[1]["bytes_written"] + ranks[2]["bytes_written"]
 
 
+def test_a_save_directory_the_other_ranks_do_not_see_is_written_by_rank_0(five_layers, tmp_path):
+    ref = tmp_path / "one"
+    assert run_ranks(1, seed_flags(five_layers, ref, "--anti_method", "m2"))[0][0] == 0
+    out = tmp_path / "o"
+    results = run_ranks(3, ["--probe_unshared", *seed_flags(five_layers, out, "--anti_method", "m2")], script=PROBE)
+    ranks = probes(results)
+    assert f"save_directory {out} is not the same directory on every rank" in results[0][2]
+    assert ranks[1]["bytes_written"] == ranks[2]["bytes_written"] == 0
+    assert dir_hashes(out) == dir_hashes(ref)
+    # rank 0 reads the other ranks' layers again once their results have come, the head too: every tensor once,
+    # beside the embedding rows of calibration; the others only their layers
+    ckpt = Checkpoint(five_layers)
+    rows = ranks[0]["bytes_read"] - sum(ckpt.nbytes(n) for n in ckpt.names())
+    assert 0 < rows < ckpt.nbytes("model.embed_tokens.weight")
+    assert ranks[2]["bytes_read"] == sum(ckpt.nbytes(n) for n in set(ranks[2]["read"]))
+
+
 def test_a_killed_rank_stops_every_other_rank_with_its_name(five_layers, tmp_path):
     calib = many_images(tmp_path / "calib", 12)  # enough samples that rank 1 dies mid-calibration
     out = tmp_path / "o"
