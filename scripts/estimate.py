@@ -57,15 +57,20 @@ def output_bytes(arch: qwen2vl.Arch, el: int = 2) -> int:
     return total
 
 
+def seconds_per_call(fn, warm: int, n: int) -> float:
+    """Mean seconds of fn() over n calls, after `warm` untimed ones."""
+    for _ in range(warm):
+        fn()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
 def cpu_gflops(threads: int) -> float:
     torch.set_num_threads(threads)
     a, b = torch.randn(2048, 1024), torch.randn(1024, 2816)
-    for _ in range(3):
-        a @ b
-    t, n = time.perf_counter(), 20
-    for _ in range(n):
-        a @ b
-    return 2 * 2048 * 1024 * 2816 * n / (time.perf_counter() - t) / 1e9
+    return 2 * 2048 * 1024 * 2816 / seconds_per_call(lambda: a @ b, warm=3, n=20) / 1e9
 
 
 def quantize_mibs(threads: int) -> float:
@@ -75,11 +80,8 @@ def quantize_mibs(threads: int) -> float:
     torch.set_num_threads(threads)
     w = torch.randn(4096, 4096).to(torch.bfloat16)
     scale, offset = torch.tensor([0.02]), torch.tensor([3.0])
-    merge.quantize_linear(w, None, scale, offset, torch.bfloat16)
-    t, n = time.perf_counter(), 5
-    for _ in range(n):
-        merge.quantize_linear(w, None, scale, offset, torch.bfloat16)
-    return w.numel() * 2 * n / (time.perf_counter() - t) / 2**20
+    call = lambda: merge.quantize_linear(w, None, scale, offset, torch.bfloat16)  # noqa: E731
+    return w.numel() * 2 / seconds_per_call(call, warm=1, n=5) / 2**20
 
 
 def main() -> int:
@@ -133,12 +135,11 @@ def main() -> int:
     src = layout.total_bytes
     out = output_bytes(big)
     read_slices = src / (a.disk_gbs * 1e9)  # the ranks' slices together, all at once from one disk
-    vision_bytes, layer_bytes, _ = plan.sizes(big, torch.bfloat16)
-    slices = [sum(layer_bytes[slice(*r.layers)]) + (vision_bytes if r.rank == 0 else 0) for r in layout.ranks]
+    slice_max = max(r.weights for r in layout.ranks)  # a rank's layers (rank 0: with the vision tower)
     # each rank quantizes its own slice (at once: one host CPU's cores shared), the disk takes every rank's output
-    write = max(max(slices) / q_rate, out / (a.disk_gbs * 1e9))
-    table = big.vocab_size * big.hidden_size * 2
-    rest = 4 * table / (a.disk_gbs * 1e9)  # embeddings (rank 0) and head (last rank): read and written, one disk
+    write = max(slice_max / q_rate, out / (a.disk_gbs * 1e9))
+    tables = src - sum(r.weights for r in layout.ranks)  # embeddings, head, final norm: no rank's slice
+    rest = 2 * tables / (a.disk_gbs * 1e9)  # read and written after calibration (rank 0, the last rank), one disk
     total = read_slices + compute + write + rest
     print(f"target: {a.config}: {big.num_layers} decoder layers, {big.vision_depth} vision blocks, "
           f"{src / GIB:.1f} GiB bf16;\n  {a.ranks} cards of {a.card_gib:.0f} GiB, {a.images} images x "
@@ -155,7 +156,7 @@ def main() -> int:
     print(f"estimate: read slices {read_slices / 60:.1f} min + calibrate {compute / 60:.1f} min (per layer: forward "
           f"{fwd_big:.1f} s x 2 sweeps + search {search_big:.1f} s; rank 0's vision tower {vis_big:.0f} s) + "
           f"quantize and write the layers {write / 60:.1f} min (each rank its slice, at most "
-          f"{max(slices) / GIB:.0f} GiB; {out / GIB:.0f} GiB written in all) + embeddings and head "
+          f"{slice_max / GIB:.0f} GiB; {out / GIB:.0f} GiB written in all) + embeddings and head "
           f"{rest / 60:.1f} min = {total / 60:.0f} min; I/O {100 * (read_slices + write + rest) / total:.0f}% of it")
     return 0
 
