@@ -95,7 +95,7 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
             output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of,
-            act_symmetric=act_symmetric)
+            act_symmetric=act_symmetric, combine=qwen2vl.group_combine(layer, g))
         shift = None
         if method == "m2" and g.has_bias:
             shift = smooth.m2_shift(obs.ch_min, obs.ch_max)

@@ -71,6 +71,28 @@ def fake_quant_act(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -
     return (quantize_act(x, scale, offset) - offset.float()) * scale.float()
 
 
+def int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq: int8 [tokens, in], wq: int8 [out, in] -> xq @ wq^T, exact, int32 [tokens, out] (the integer kernel's
+    accumulator). On cpu torch's int8 GEMM (several times float32's speed); elsewhere a float32 matmul of the codes,
+    exact while a sum stays below 2^24."""
+    if xq.device.type == "cpu":
+        return torch._int_mm(xq, wq.T)
+    return (xq.float() @ wq.float().T).round_().to(torch.int32)
+
+
+def kernel_linear(xq: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """What the W8A8 kernel computes on the activation codes xq (int8 [tokens, in], quantize_act with scale/offset)
+    for the int8 weight wq [out, in] with w_scale [out, 1] (quantize_weight): (xq - offset) @ wq^T in integers,
+    times input_scale * weight_scale, plus the float bias; float32 [tokens, out]. The same numbers as
+    linear(fake_quant_act(x), wq * w_scale, bias) up to float32 rounding."""
+    deq = scale.float() * w_scale.reshape(-1).float()
+    const = -float(offset.reshape(-1)[0]) * wq.sum(dim=1, dtype=torch.int32).float() * deq  # the offset's term
+    if bias is not None:
+        const = const + bias.float()
+    return torch.addcmul(const, int_matmul(xq, wq).float(), deq)
+
+
 def deq_scale(input_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """input_scale: [1], w_scale: [out, 1], both as saved -> float32 [out], their product in float32."""
     return (input_scale.float() * w_scale.float()).reshape(-1)

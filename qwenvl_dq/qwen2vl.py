@@ -622,20 +622,29 @@ def _as_float(v):
     return v
 
 
+def group_combine(layer: nn.Module, group: SmoothGroup):
+    """Token-wise groups: combine(ys) -> the group output from each linear's output ys[i] (the layer's own
+    activation); None for attention."""
+    if group.output == "linear":
+        return lambda ys: ys[0]
+    if group.output == "gated_mlp":
+        act = layer.get_submodule("mlp").act_fn
+        return lambda ys: act(ys[0]) * ys[1]
+    if group.output == "mlp":
+        act = layer.get_submodule("mlp").act
+        return lambda ys: act(ys[0])
+    return None
+
+
 def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
     """f(xs, ws, bs) -> float32 outputs: the group output the searches measure, computed by the live layer's own
     modules (rotary, heads, masks and activation of the installed transformers) with the given weights. Token-wise
     outputs: one per x. Attention: calls[i] is window i's call (window_call), xs[i] its tokens, and the windows are
     run in batches (batch_windows), one output per batch."""
-    if group.output == "linear":
-        return lambda xs, ws, bs: [torch.nn.functional.linear(x, ws[0], bs[0]) for x in xs]
-    if group.output == "gated_mlp":
-        act = layer.get_submodule("mlp").act_fn
-        return lambda xs, ws, bs: [act(torch.nn.functional.linear(x, ws[0], bs[0])) *
-                                   torch.nn.functional.linear(x, ws[1], bs[1]) for x in xs]
-    if group.output == "mlp":
-        act = layer.get_submodule("mlp").act
-        return lambda xs, ws, bs: [act(torch.nn.functional.linear(x, ws[0], bs[0])) for x in xs]
+    combine = group_combine(layer, group)
+    if combine is not None:
+        return lambda xs, ws, bs: [combine([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)])
+                                   for x in xs]
     attn_name, out_name = ATTENTION[kind]
     attn = layer.get_submodule(attn_name)
     leaves = [n[len(attn_name) + 1:] for n in group.linears]

@@ -168,3 +168,40 @@ def test_fake_quant_weight_is_the_saved_int8_round_trip():
     scale = int8.weight_scale(w)
     torch.testing.assert_close(smooth.fake_quant_weight(w), int8.dequantize_weight(int8.quantize_weight(w, scale),
                                                                                      scale))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_token_wise_loss_in_integers_matches_the_fake_quantized_float_loss(gated):
+    """combine: the group's linears computed as the int8 kernel does; the same loss as the float fake-quantized
+    matmul (to float32 rounding), for every grid point, and the same pick."""
+    base = outlier_problem(gated=gated, tokens=200, channels=64, outs=(48, 48))
+    if gated:
+        combine = lambda ys: torch.nn.functional.silu(ys[0]) * ys[1]  # noqa: E731
+    else:
+        combine = lambda ys: torch.cat(ys, dim=-1)  # noqa: E731
+    x = torch.cat(base.x)
+    base = smooth.dataclasses.replace(base, x=[x], rowwise=True)
+    p = smooth.shifted(base, smooth.m2_shift(base.ch_min, base.ch_max))
+    fast = smooth.dataclasses.replace(p, combine=combine)
+    want = smooth.target(p)
+    r = torch.maximum(p.ch_max, -p.ch_min).double()
+    grid = smooth.m2_grid(r, 40)
+    plain = [smooth.loss(p, want, smooth.m2_scale(r, float(t))) for t in grid]
+    kernel = [smooth.loss(fast, want, smooth.m2_scale(r, float(t))) for t in grid]
+    assert kernel == pytest.approx(plain, rel=1e-5)
+    assert kernel != plain  # a different computation, not the float path again
+    assert torch.equal(smooth.m2_search(fast, n=40)[0], smooth.m2_search(p, n=40)[0])
+
+
+def test_kernel_linear_is_the_integer_kernel():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(33, 40, generator=g) * 3
+    w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    scale, offset = int8.act_qparams(float(x.min()), float(x.max()))
+    codes = int8.quantize_act(x, scale, offset).to(torch.int8)
+    ws = int8.weight_scale(w)
+    wq = int8.quantize_weight(w, ws)
+    exact = ((codes.double() - float(offset)) @ wq.double().T) * (scale.double() * ws.double().reshape(1, -1))
+    got = int8.kernel_linear(codes, scale, offset, wq, ws, b)
+    torch.testing.assert_close(got.double(), exact + b.double(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(int8.int_matmul(codes, wq), (codes.long() @ wq.long().T).int())
