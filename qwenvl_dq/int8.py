@@ -86,7 +86,7 @@ def kernel_linear(xq: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, w
     for the int8 weight wq [out, in] with w_scale [out, 1] (quantize_weight): (xq - offset) @ wq^T in integers,
     times input_scale * weight_scale, plus the float bias; float32 [tokens, out]. The same numbers as
     linear(fake_quant_act(x), wq * w_scale, bias) up to float32 rounding."""
-    deq = scale.float() * w_scale.reshape(-1).float()
+    deq = deq_scale(scale, w_scale)
     const = -float(offset.reshape(-1)[0]) * wq.sum(dim=1, dtype=torch.int32).float() * deq  # the offset's term
     if bias is not None:
         const = const + bias.float()

@@ -137,11 +137,16 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     lo, hi = float((p.ch_min / s).min()), float((p.ch_max / s).max())
     a_scale, a_offset = int8.act_qparams(lo, hi, p.act_symmetric)
     if p.combine is not None:  # token-wise: each linear as the integer kernel computes it
-        scaled_w = [w * s for w in p.weights]
-        qw = [(int8.quantize_weight(w, sc), sc) for w, sc in ((w, int8.weight_scale(w)) for w in scaled_w)]
-        codes = (int8.quantize_act(x / s, a_scale, a_offset).to(torch.int8) for x in p.x)
-        got = [p.combine([int8.kernel_linear(c, a_scale, a_offset, wq, sc, b) for (wq, sc), b in zip(qw, p.biases)])
-               for c in codes]
+        qw = []
+        for w in p.weights:
+            w = w * s
+            sc = int8.weight_scale(w)
+            qw.append((int8.quantize_weight(w, sc), sc))
+        got = []
+        for x in p.x:
+            c = int8.quantize_act(x / s, a_scale, a_offset).to(torch.int8)
+            got.append(p.combine([int8.kernel_linear(c, a_scale, a_offset, wq, sc, b)
+                                  for (wq, sc), b in zip(qw, p.biases)]))
     else:
         xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
         ws = [fake_quant_weight(w * s) for w in p.weights]
