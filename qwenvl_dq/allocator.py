@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024  # glibc's own initial value
+_before = 0  # the highest VmHWM read before the last reset_peak()
 
 
 def pin_mmap_threshold() -> bool:
@@ -32,7 +33,11 @@ def pin_mmap_threshold() -> bool:
 
 
 def reset_peak() -> bool:
-    """Start a new peak-RSS window (Linux: /proc/self/clear_refs "5" resets VmHWM); whether it took effect."""
+    """Start a new peak-RSS window (Linux: /proc/self/clear_refs "5" resets VmHWM); whether it took effect.
+    The kernel forgets the peak before a reset (VmHWM, and the ru_maxrss a parent gets from wait4, count from it
+    on): lifetime_peak() keeps it."""
+    global _before
+    _before = max(_before, peak_rss())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -51,3 +56,8 @@ def peak_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def lifetime_peak() -> int:
+    """Peak resident bytes of this process since it started, across reset_peak() windows."""
+    return max(_before, peak_rss())

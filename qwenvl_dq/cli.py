@@ -233,9 +233,9 @@ def summary_text(summary, report: dict | None = None) -> str:
         lines.append(f"  {f}  {size:,} bytes")
     lines.append("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in summary.seconds.items()))
     for rank, peaks in [(0, summary.peak_rss)] + [(r, o["peak_rss"]) for r, o in sorted(summary.ranks.items())]:
-        if peaks:
-            lines.append(f"peak memory (rank {rank}): " + ", ".join(f"{k} {v / 2**20:.0f} MiB"
-                                                                   for k, v in peaks.items()))
+        if peaks:  # the phases' windows cover the rank's whole life: its peak is the largest
+            lines.append(f"peak memory (rank {rank}): {max(peaks.values()) / 2**20:.0f} MiB ("
+                         + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in peaks.items()) + ")")
     read = summary.bytes_read + sum(o["bytes_read"] for o in summary.ranks.values())
     lines.append(f"read {read / 2**20:.1f} MiB from the source, all ranks together "
                  f"({read / max(summary.source_bytes, 1):.2f}x its {summary.source_bytes / 2**20:.1f} MiB of tensors: "
