@@ -250,6 +250,7 @@ class Stage:
     journal: Journal | None = None
     dtype: torch.dtype | None = None  # the saved (model) dtype; None: the live parameters' own
     compute: torch.dtype | None = None  # what the live layers hold and run in (compute_dtype); None: the saved one
+    free_pixels: bool = False  # layer-major: drop each sample's pixel values once the patch embedding has read them
 
     @property
     def sweeps(self) -> int:
@@ -402,6 +403,8 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
             h, call = stage.prefix(s)
             hv.append(h)
             vcalls.append(call)
+            if stage.free_pixels:  # read once in this order (the caller's samples lose them)
+                s.pixel_values = None
         stage.done("visual.patch_embed.", patch_embed, {})
         qwen2vl.release(patch_embed)
         chains = [list(hv) for _ in range(stage.sweeps)]

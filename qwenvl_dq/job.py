@@ -259,7 +259,8 @@ def _run(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Pro
     stage = calibrate.Stage(d, model, ckpt, arch, mine.layers, mine.resident, cfg.act_method, cfg.anti_method,
                             act_symmetric=cfg.act_symmetric,
                             on_layer=_solved(d, bars), on_sample=_progress(bars) if d.is_main else None,
-                            on_unit=on_unit, journal=jour, dtype=dtype, compute=compute)
+                            on_unit=on_unit, journal=jour, dtype=dtype, compute=compute,
+                            free_pixels=True)  # nothing after calibration reads the samples' pixels
     if mine.resident:  # samples go through the whole slice one by one (layer-major: the solve bar is the progress)
         bars.start("calibrate", stage.sweeps * n, "calibrate", unit="sample")
     bars.start("solve", arch.vision_depth * d.is_main + len(range(*mine.layers)), "solve", unit="layer")

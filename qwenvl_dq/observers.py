@@ -13,6 +13,7 @@ import torch
 from . import int8
 
 HIST_BINS = 2048
+ROW_BLOCK = 64  # histogram_range scores this many lower edges at a time
 
 
 class ActObserver:
@@ -101,15 +102,21 @@ def histogram_range(hist: torch.Tensor, lo: float, hi: float, levels: int = 256)
     idx = torch.arange(0, bins + 1, step)
     if idx[-1] != bins:
         idx = torch.cat([idx, torch.tensor([bins])])
-    ia, ib = idx[:, None], idx[None, :]  # lower edge index, upper edge index
-    A, B = lo + ia.double() * width, lo + ib.double() * width
-    below = A * A * c0[ia] - 2 * A * c1[ia] + c2[ia]
+    ib = idx[None, :]  # upper edge index
+    B = lo + ib.double() * width
     above = (c2[-1] - c2[ib]) - 2 * B * (c1[-1] - c1[ib]) + B * B * (c0[-1] - c0[ib])
-    inside = (c0[ib] - c0[ia]).clamp_min(0) * ((B - A) / (levels - 1)) ** 2 / 12
-    loss = below + above + inside
-    loss = torch.where(ib > ia, loss, torch.full_like(loss, float("inf")))
-    k = int(torch.argmin(loss))
-    a, b = divmod(k, len(idx))
+    best, a, b = float("inf"), 0, 0
+    for start in range(0, len(idx), ROW_BLOCK):  # lower edges a block at a time: memory [ROW_BLOCK, edges]
+        ia = idx[start:start + ROW_BLOCK, None]
+        A = lo + ia.double() * width
+        below = A * A * c0[ia] - 2 * A * c1[ia] + c2[ia]
+        inside = (c0[ib] - c0[ia]).clamp_min(0) * ((B - A) / (levels - 1)) ** 2 / 12
+        loss = below + above + inside
+        loss = torch.where(ib > ia, loss, torch.full_like(loss, float("inf")))
+        k = int(torch.argmin(loss))
+        if float(loss.view(-1)[k]) < best:  # strictly lower: the first minimum in row-major order wins, as before
+            best = float(loss.view(-1)[k])
+            a, b = start + k // len(idx), k % len(idx)
     return lo + int(idx[a]) * width, lo + int(idx[b]) * width
 
 

@@ -16,7 +16,8 @@ act(fc1) for the vision norm2 -> fc1; the linear itself for v -> o), Q_w is per-
 x / s seen in calibration (per-channel min/max over every token / s). x is the group's token reservoir: windows of
 every calibration sample, not one sample.
 For token-wise outputs each quantized linear is computed as the W8A8 kernel does it, in integers:
-(Q_a codes - offset) @ Q_w codes^T times input_scale * weight_scale (int8.kernel_linear; an int8 GEMM on cpu).
+(Q_a codes - offset) @ Q_w codes^T times input_scale * weight_scale (int8.kernel_linear; an int8 GEMM on cpu),
+BLOCK_TOKENS tokens at a time, so a search's memory follows the block, not the reservoir.
 
 Scoring every candidate on the whole reservoir is most of a run's time, so each search scores its candidates in two
 steps (_pick). First every candidate is scored on a proxy of the group: a fixed, evenly spread subset of at most
@@ -59,6 +60,7 @@ PROXY_TOKENS = 512  # token-wise outputs
 PROXY_WINDOW_TOKENS = 256  # attention: whole windows, each a sequence with every head
 PROXY_ROWS = 256
 FINALISTS = 2
+BLOCK_TOKENS = 512  # token-wise outputs are computed this many tokens at a time: a search's memory follows it
 
 # result keys (suffixes of a module prefix) and what they fold into
 NORM_SCALE, NORM_SHIFT = "smooth_scale", "smooth_shift"  # norm: weight / s, (bias - z) / s
@@ -127,9 +129,15 @@ def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     return (w / scale).round_().clamp_(-int8.WMAX, int8.WMAX).mul_(scale)
 
 
+def _blocks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return x.split(BLOCK_TOKENS)
+
+
 def target(p: Problem) -> list[torch.Tensor]:
-    """The float group output the searches aim at."""
-    return p.output(p.x, p.weights, p.biases)
+    """The float group output the searches aim at (token-wise outputs block by block)."""
+    if p.combine is None:
+        return p.output(p.x, p.weights, p.biases)
+    return [torch.cat([p.output([b], p.weights, p.biases)[0] for b in _blocks(x)]) for x in p.x]
 
 
 def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
@@ -142,15 +150,17 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
             w = w * s
             sc = int8.weight_scale(w)
             qw.append((int8.quantize_weight(w, sc), sc))
-        got = []
-        for x in p.x:
-            c = int8.quantize_act(x / s, a_scale, a_offset).to(torch.int8)
-            got.append(p.combine([int8.kernel_linear(c, a_scale, a_offset, wq, sc, b)
-                                  for (wq, sc), b in zip(qw, p.biases)]))
-    else:
-        xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
-        ws = [fake_quant_weight(w * s) for w in p.weights]
-        got = p.output(xs, ws, p.biases)
+        err = 0.0
+        for x, t in zip(p.x, want):  # block by block: the outputs of a block of tokens at a time
+            for xb, tb in zip(_blocks(x), _blocks(t)):
+                c = int8.quantize_act(xb / s, a_scale, a_offset).to(torch.int8)
+                got = p.combine([int8.kernel_linear(c, a_scale, a_offset, wq, sc, b)
+                                 for (wq, sc), b in zip(qw, p.biases)])
+                err += float(got.sub_(tb).square_().sum(dtype=torch.float64))
+        return err / max(1, p.tokens)
+    xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
+    ws = [fake_quant_weight(w * s) for w in p.weights]
+    got = p.output(xs, ws, p.biases)
     err = sum(float(torch.sub(g, t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
     return err / max(1, p.tokens)
 

@@ -6,8 +6,8 @@ decoder layers against 8, on CPU, all measured in one invocation.
 
 Every run is its own process, timed from outside (wall) with its peak RSS as the OS counts it (the largest process of
 the run: for 2 ranks, the larger rank; for ours, the larger of that and the largest per-phase peak a rank reports,
-since the kernel's figure forgets what came before qwenvl-dq's per-phase resets), beside the summary qwenvl-dq prints (seconds and peak RSS per phase and rank,
-bytes read and written). The runs:
+since the kernel's figure forgets what came before qwenvl-dq's per-phase resets), beside the summary qwenvl-dq
+prints (seconds and peak RSS per phase and rank, bytes read and written). The runs:
 
 1. models: medium random Qwen2-VLs from scripts/make_tiny_qwen2vl.py (LLM hidden 1024, intermediate 2816, 16 heads
    with 2 kv heads, 4 vision blocks of 256) with 8 and 32 decoder layers and the real image processor's pixel limits,

@@ -193,6 +193,27 @@ def test_token_wise_loss_in_integers_matches_the_fake_quantized_float_loss(gated
     assert torch.equal(smooth.m2_search(fast, n=40)[0], smooth.m2_search(p, n=40)[0])
 
 
+def test_token_wise_outputs_in_blocks_of_tokens_give_the_whole_reservoir_loss(monkeypatch):
+    """Token-wise groups are computed BLOCK_TOKENS tokens at a time (memory follows the block): the same target,
+    losses and pick as one block of every token, with a partial last block."""
+    base = outlier_problem(gated=True, tokens=200, channels=64, outs=(48, 48))
+    p = smooth.dataclasses.replace(base, x=[torch.cat(base.x)], rowwise=True,
+                                   combine=lambda ys: torch.nn.functional.silu(ys[0]) * ys[1])
+    r = torch.maximum(p.ch_max, -p.ch_min).double()
+    scales = [smooth.m2_scale(r, float(t)) for t in smooth.m2_grid(r, 40)]
+
+    def run(block):
+        monkeypatch.setattr(smooth, "BLOCK_TOKENS", block)
+        want = smooth.target(p)
+        return want, [smooth.loss(p, want, s) for s in scales], smooth.m2_search(p, n=40)[0]
+
+    whole, blocked = run(10**9), run(37)  # 200 tokens: 5 blocks of 37 and one of 15
+    torch.testing.assert_close(blocked[0][0], whole[0][0], rtol=1e-6, atol=1e-6)
+    assert blocked[1] == pytest.approx(whole[1], rel=1e-6)
+    assert len(set(whole[1])) > 10  # the grid points differ: the comparison is not of one number
+    assert torch.equal(blocked[2], whole[2])
+
+
 def test_kernel_linear_is_the_integer_kernel():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(33, 40, generator=g) * 3
