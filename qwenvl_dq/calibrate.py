@@ -81,13 +81,17 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
         mods = [layer.get_submodule(n) for n in g.linears]
         row0, rows, tie = qwen2vl.v_layout(kind, arch) if g.v_rows else (0, 0, None)
         xs = [x for *_, x in windows]
-        output_of = None
+        output_of = attend = attend_of = None
         if g.output == "attention":  # attention runs on each window with its own rotary tables
             win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
             output = qwen2vl.group_output(kind, layer, g, win_calls)
+            attend = qwen2vl.group_attend(kind, layer, g, win_calls)
 
             def output_of(keep, win_calls=win_calls, g=g):
                 return qwen2vl.group_output(kind, layer, g, [win_calls[i] for i in keep])
+
+            def attend_of(keep, win_calls=win_calls, g=g):
+                return qwen2vl.group_attend(kind, layer, g, [win_calls[i] for i in keep])
         else:  # token-wise outputs: one matrix of every window's tokens
             xs, output = [torch.cat(xs)], qwen2vl.group_output(kind, layer, g, [])
         problem = smooth.Problem(
@@ -95,7 +99,7 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
             output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of,
-            act_symmetric=act_symmetric, combine=qwen2vl.group_combine(layer, g))
+            act_symmetric=act_symmetric, combine=qwen2vl.group_combine(layer, g), attend=attend, attend_of=attend_of)
         shift = None
         if method == "m2" and g.has_bias:
             shift = smooth.m2_shift(obs.ch_min, obs.ch_max)

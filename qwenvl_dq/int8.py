@@ -18,6 +18,8 @@ reproduces W and the activation grid as saved, with no extra rounding.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 QMIN, QMAX = -128, 127
@@ -80,17 +82,35 @@ def int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     return (xq.float() @ wq.float().T).round_().to(torch.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One W8A8 linear as the integer kernel computes it, for the int8 weight wq [out, in]: kernel(xq) on the
+    activation codes xq (int8 [..., in]) is (xq - offset) @ wq^T in integers, times input_scale * weight_scale
+    (deq), plus the float bias; float32 [..., out]. The offset's term and the bias are one per-row constant, made
+    once per weight (of) and reused for every block of codes."""
+
+    wq: torch.Tensor
+    deq: torch.Tensor  # float32 [out]
+    const: torch.Tensor  # float32 [out]: -offset * rowsum(wq) * deq + bias
+
+    @classmethod
+    def of(cls, scale: torch.Tensor, offset: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+           bias: torch.Tensor | None) -> "Kernel":
+        deq = deq_scale(scale, w_scale)
+        const = -float(offset.reshape(-1)[0]) * wq.sum(dim=1, dtype=torch.int32).float() * deq
+        return cls(wq, deq, const if bias is None else const + bias.float())
+
+    def __call__(self, xq: torch.Tensor) -> torch.Tensor:
+        y = torch.addcmul(self.const, int_matmul(xq.reshape(-1, xq.shape[-1]), self.wq).float(), self.deq)
+        return y.reshape(*xq.shape[:-1], y.shape[-1])
+
+
 def kernel_linear(xq: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """What the W8A8 kernel computes on the activation codes xq (int8 [tokens, in], quantize_act with scale/offset)
-    for the int8 weight wq [out, in] with w_scale [out, 1] (quantize_weight): (xq - offset) @ wq^T in integers,
-    times input_scale * weight_scale, plus the float bias; float32 [tokens, out]. The same numbers as
-    linear(fake_quant_act(x), wq * w_scale, bias) up to float32 rounding."""
-    deq = deq_scale(scale, w_scale)
-    const = -float(offset.reshape(-1)[0]) * wq.sum(dim=1, dtype=torch.int32).float() * deq  # the offset's term
-    if bias is not None:
-        const = const + bias.float()
-    return torch.addcmul(const, int_matmul(xq, wq).float(), deq)
+    """The W8A8 kernel on the codes xq (quantize_act with scale/offset) for wq with w_scale [out, 1]
+    (quantize_weight) and the float bias (Kernel). The same numbers as linear(fake_quant_act(x), wq * w_scale,
+    bias) up to float32 rounding."""
+    return Kernel.of(scale, offset, wq, w_scale, bias)(xq)
 
 
 def deq_scale(input_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

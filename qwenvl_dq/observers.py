@@ -13,7 +13,7 @@ import torch
 from . import int8
 
 HIST_BINS = 2048
-ROW_BLOCK = 64  # histogram_range scores this many lower edges at a time
+ROW_BLOCK = 128  # histogram_range scores this many lower edges at a time
 
 
 class ActObserver:

@@ -636,6 +636,50 @@ def group_combine(layer: nn.Module, group: SmoothGroup):
     return None
 
 
+class _Given(nn.Module):
+    """Stands in for a linear inside an attention module: its output is fn(input) (the integer kernel's)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _attention(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
+    """(run, leaves) for an attention group: run(xs, swap, params) takes windows xs (in the order of calls) through
+    the live attention module batch by batch (batch_windows) with its output projection left out, the children in
+    `swap` replaced and `params` (functional_call) in place of its own; one float32 output per batch."""
+    attn_name, out_name = ATTENTION[kind]
+    attn = layer.get_submodule(attn_name)
+    leaves = [n[len(attn_name) + 1:] for n in group.linears]
+    batches = [(idx, (_as_float(a), {k: _as_float(v) for k, v in kw.items()}))
+               for idx, (a, kw) in batch_windows(kind, calls)]
+
+    def run(xs, swap: dict, params: dict | None = None):
+        swap = {out_name: nn.Identity(), **swap}
+        kept = {n: getattr(attn, n) for n in swap}
+        for n, m in swap.items():
+            setattr(attn, n, m)
+        try:
+            outs = []
+            for idx, (args, kwargs) in batches:
+                h = torch.cat([xs[i] for i in idx]) if kind == "vision" else torch.stack([xs[i] for i in idx])
+                if params is None:
+                    o = attn(h, *args, **kwargs)
+                else:
+                    o = torch.func.functional_call(attn, params, (h, *args), kwargs, strict=False)
+                o = o[0] if isinstance(o, tuple) else o
+                outs.append(o.reshape(-1, o.shape[-1]).float())
+            return outs
+        finally:
+            for n, m in kept.items():
+                setattr(attn, n, m)
+
+    return run, leaves
+
+
 def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
     """f(xs, ws, bs) -> float32 outputs: the group output the searches measure, computed by the live layer's own
     modules (rotary, heads, masks and activation of the installed transformers) with the given weights. Token-wise
@@ -645,30 +689,24 @@ def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
     if combine is not None:
         return lambda xs, ws, bs: [combine([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)])
                                    for x in xs]
-    attn_name, out_name = ATTENTION[kind]
-    attn = layer.get_submodule(attn_name)
-    leaves = [n[len(attn_name) + 1:] for n in group.linears]
-    batches = [(idx, (_as_float(a), {k: _as_float(v) for k, v in kw.items()}))
-               for idx, (a, kw) in batch_windows(kind, calls)]
+    run, leaves = _attention(kind, layer, group, calls)
 
     def attention(xs, ws, bs):
-        """xs: the windows, in the order of calls; one output per batch of windows."""
         params = {}
         for leaf, w, b in zip(leaves, ws, bs):
             params[leaf + ".weight"] = w
             if b is not None:
                 params[leaf + ".bias"] = b
-        out_proj = getattr(attn, out_name)
-        setattr(attn, out_name, nn.Identity())
-        try:
-            outs = []
-            for idx, (args, kwargs) in batches:
-                h = torch.cat([xs[i] for i in idx]) if kind == "vision" else torch.stack([xs[i] for i in idx])
-                o = torch.func.functional_call(attn, params, (h, *args), kwargs, strict=False)
-                o = o[0] if isinstance(o, tuple) else o
-                outs.append(o.reshape(-1, o.shape[-1]).float())
-            return outs
-        finally:
-            setattr(attn, out_name, out_proj)
+        return run(xs, {}, params)
 
     return attention
+
+
+def group_attend(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
+    """Attention groups: f(codes, linears) -> the outputs group_output gives, batch by batch, from the windows'
+    int8 activation codes, with the group's linears replaced by the functions in `linears` (each maps its input
+    codes to its output: int8.kernel_linear for the quantized group). None for token-wise groups."""
+    if group_combine(layer, group) is not None:
+        return None
+    run, leaves = _attention(kind, layer, group, calls)
+    return lambda codes, linears: run(codes, {leaf: _Given(f) for leaf, f in zip(leaves, linears)})

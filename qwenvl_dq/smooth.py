@@ -15,9 +15,10 @@ act(fc1) for the vision norm2 -> fc1; the linear itself for v -> o), Q_w is per-
 (absmax / 127) and Q_a is per-tensor int8 (asymmetric, or symmetric with --act_symmetric) over the exact range of
 x / s seen in calibration (per-channel min/max over every token / s). x is the group's token reservoir: windows of
 every calibration sample, not one sample.
-For token-wise outputs each quantized linear is computed as the W8A8 kernel does it, in integers:
+Each quantized linear is computed as the W8A8 kernel does it, in integers:
 (Q_a codes - offset) @ Q_w codes^T times input_scale * weight_scale (int8.kernel_linear; an int8 GEMM on cpu),
-BLOCK_TOKENS tokens at a time, so a search's memory follows the block, not the reservoir.
+for token-wise outputs BLOCK_TOKENS tokens at a time, so a search's memory follows the block, not the reservoir;
+for attention the projections' outputs are handed to the live attention module in place of its linears.
 
 Scoring every candidate on the whole reservoir is most of a run's time, so each search scores its candidates in two
 steps (_pick). First every candidate is scored on a proxy of the group: a fixed, evenly spread subset of at most
@@ -83,7 +84,9 @@ class Problem:
     output_of(keep): the output function of windows `keep` alone (attention: its windows may be subset).
     combine(ys): token-wise groups, the output from each linear's output; with it the quantized outputs are
     computed as the integer kernel does (int8.kernel_linear: exact integer products, several times faster on cpu
-    than the float32 matmul of the fake-quantized operands, the same numbers to float32 rounding)."""
+    than the float32 matmul of the fake-quantized operands, the same numbers to float32 rounding).
+    attend(codes, linears): attention groups, the outputs `output` gives from the windows' int8 activation codes
+    with each linear replaced by a function of its input (the kernel's); attend_of(keep): that of windows `keep`."""
 
     x: list[torch.Tensor]
     ch_min: torch.Tensor
@@ -96,6 +99,8 @@ class Problem:
     output_of: Callable[[list[int]], Output] | None = None
     act_symmetric: bool = False  # the activation quantizer the product saves (--act_symmetric)
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+    attend: Callable[[list[torch.Tensor], list[Callable]], list[torch.Tensor]] | None = None
+    attend_of: Callable[[list[int]], Callable] | None = None
 
     @property
     def tokens(self) -> int:
@@ -144,18 +149,22 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     """Quantized group output error with input channels divided by s (see the module docstring)."""
     lo, hi = float((p.ch_min / s).min()), float((p.ch_max / s).max())
     a_scale, a_offset = int8.act_qparams(lo, hi, p.act_symmetric)
-    if p.combine is not None:  # token-wise: each linear as the integer kernel computes it
-        qw = []
-        for w in p.weights:
+    if p.combine is not None or p.attend is not None:  # each linear as the integer kernel computes it
+        kernels = []
+        for w, b in zip(p.weights, p.biases):
             w = w * s
             sc = int8.weight_scale(w)
-            qw.append((int8.quantize_weight(w, sc), sc))
+            kernels.append(int8.Kernel.of(a_scale, a_offset, int8.quantize_weight(w, sc), sc, b))
+        if p.attend is not None:
+            codes = [int8.quantize_act(x / s, a_scale, a_offset).to(torch.int8) for x in p.x]
+            got = p.attend(codes, kernels)
+            err = sum(float(g.sub_(t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
+            return err / max(1, p.tokens)
         err = 0.0
         for x, t in zip(p.x, want):  # block by block: the outputs of a block of tokens at a time
             for xb, tb in zip(_blocks(x), _blocks(t)):
                 c = int8.quantize_act(xb / s, a_scale, a_offset).to(torch.int8)
-                got = p.combine([int8.kernel_linear(c, a_scale, a_offset, wq, sc, b)
-                                 for (wq, sc), b in zip(qw, p.biases)])
+                got = p.combine([k(c) for k in kernels])
                 err += float(got.sub_(tb).square_().sum(dtype=torch.float64))
         return err / max(1, p.tokens)
     xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
@@ -187,7 +196,8 @@ def proxy(p: Problem) -> Problem:
     elif p.output_of is not None and p.tokens > PROXY_WINDOW_TOKENS and len(p.x) > 1:
         k = max(1, round(len(p.x) * PROXY_WINDOW_TOKENS / p.tokens))
         keep = _spread(len(p.x), k).tolist()
-        q = dataclasses.replace(q, x=[p.x[i] for i in keep], output=p.output_of(keep), output_of=None)
+        q = dataclasses.replace(q, x=[p.x[i] for i in keep], output=p.output_of(keep), output_of=None,
+                                attend=p.attend_of(keep) if p.attend_of is not None else None, attend_of=None)
     return q
 
 
