@@ -193,6 +193,43 @@ def test_token_wise_loss_in_integers_matches_the_fake_quantized_float_loss(gated
     assert torch.equal(smooth.m2_search(fast, n=40)[0], smooth.m2_search(p, n=40)[0])
 
 
+def test_attention_loss_in_integers_matches_the_fake_quantized_float_loss(tiny_model, calib_dir, monkeypatch):
+    """Attention groups (a real vision block's and decoder layer's, from an m2 calibration): the projections
+    computed by the integer kernel and handed to the live attention module give the fake-quantized float loss to
+    float32 rounding, on the proxy's windows and on all of them, and the same pick."""
+    captured = []
+    real = smooth.m2_search
+
+    def spy(p, *args, **kwargs):
+        if p.attend is not None:
+            captured.append(p)
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(smooth, "m2_search", spy)
+    samples = calib_data.load_samples(calib_dir, tiny_model, limit=2)
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(tiny_model))
+    skeleton = qwen2vl.build_skeleton(qwen2vl.load_hf_config(tiny_model, False), torch.bfloat16)
+    calibrate.calibrate(one_rank(skeleton, Checkpoint(tiny_model), arch, "histogram", "m2"), samples, len(samples))
+    assert len(captured) == arch.vision_depth + arch.num_layers
+    monkeypatch.setattr(smooth, "PROXY_WINDOW_TOKENS", 100)  # a proxy of one window of the two
+    for p in (captured[0], captured[-1]):  # vision block 0, the last decoder layer
+        plain = smooth.dataclasses.replace(p, attend=None, attend_of=None)
+        want = smooth.target(p)
+        r = torch.maximum(p.ch_max, -p.ch_min).double()
+        scales = [smooth.m2_scale(r, float(t)) for t in smooth.m2_grid(r, 12)]
+        kernel = [smooth.loss(p, want, s) for s in scales]
+        # float32 rounding through softmax: within 1e-4 relative (measured: up to 1.02e-5 under transformers 4.46)
+        assert kernel == pytest.approx([smooth.loss(plain, want, s) for s in scales], rel=1e-4)
+        assert kernel != [smooth.loss(plain, want, s) for s in scales]  # not the float path again
+        assert len(set(kernel)) > 6
+        q, q_plain = smooth.proxy(p), smooth.proxy(plain)
+        assert q.attend is not None and q.tokens < p.tokens
+        q_want = smooth.target(q)
+        assert [smooth.loss(q, q_want, s) for s in scales] == pytest.approx(
+            [smooth.loss(q_plain, q_want, s) for s in scales], rel=1e-4)
+        assert torch.equal(real(p, n=12)[0], real(plain, n=12)[0])
+
+
 def test_token_wise_outputs_in_blocks_of_tokens_give_the_whole_reservoir_loss(monkeypatch):
     """Token-wise groups are computed BLOCK_TOKENS tokens at a time (memory follows the block): the same target,
     losses and pick as one block of every token, with a partial last block."""
