@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import qwen2vl
+from . import allocator, qwen2vl
 from .calib_data import Sample
 from .checkpoint import Checkpoint
 from .dist import Dist
@@ -215,9 +215,11 @@ class Layer:
             elif self.factors is not None:
                 factors = self.factors
             else:
-                factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
-                                          self.observers, self.reservoirs,
-                                          [qwen2vl.unit_call(c, self.prefix) for c in calls], self.act_symmetric)
+                with allocator.search_heap():
+                    factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
+                                              self.observers, self.reservoirs,
+                                              [qwen2vl.unit_call(c, self.prefix) for c in calls],
+                                              self.act_symmetric)
                 if self.journal is not None:
                     self.journal.save(self.prefix, "smooth", factors)
             apply_smoothing(self.module, self.prefix, factors, self.dtype)
@@ -390,6 +392,7 @@ def _layer_major(stage: Stage, u: Layer, chains: list[list[torch.Tensor]], calls
         stage.done(u.prefix, u.module, u.results)
     finally:
         qwen2vl.release(u.module)
+        allocator.trim()
     if stage.on_layer:
         stage.on_layer(u.prefix, u.restored)
     return results

@@ -21,3 +21,39 @@ def test_lifetime_peak_keeps_what_a_reset_makes_the_kernel_forget():
     window, lifetime = map(int, r.stdout.split())
     assert lifetime >= 300, (window, lifetime)
     assert window < 200, window  # the kernel's VmHWM counts from the reset (so does the ru_maxrss wait4 gives)
+
+
+# below THRESHOLD a buffer comes from the heap and stays after free until trim(); above it, it is returned on free
+HEAP = """
+import numpy as np
+from qwenvl_dq import allocator
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+
+assert allocator.pin_mmap_threshold()
+small, pins = [], []
+for _ in range(200):  # 200 x 1 MiB, under the threshold: the heap, each followed by a small buffer kept in use
+    small.append(np.ones((1 << 20) // 8))
+    pins.append(np.ones(8192))  # so the freed blocks cannot merge into the heap's top and shrink it on free
+base = rss()
+del small
+kept = rss()
+allocator.trim()
+trimmed = rss()
+big = [np.ones((8 << 20) // 8) for _ in range(20)]  # 20 x 8 MiB, over the threshold: mmapped
+grown = rss()
+del big
+print(base, kept, trimmed, grown, rss())
+"""
+
+
+def test_small_buffers_stay_in_the_heap_until_trimmed_and_large_ones_go_back_on_free():
+    r = subprocess.run([sys.executable, "-c", HEAP], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    base, kept, trimmed, grown, freed = map(int, r.stdout.split())
+    assert kept > base - 20, (base, kept)  # freed, still resident
+    assert trimmed < kept - 150, (kept, trimmed)  # handed back by trim()
+    assert grown > trimmed + 150 and freed < grown - 150, (trimmed, grown, freed)  # mmapped: back on free
