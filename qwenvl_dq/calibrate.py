@@ -374,6 +374,7 @@ def run_resident(stage: Stage, units: list[Layer], samples: list[Sample] | None,
     finally:
         for m in [u.module for u in units] + ([patch_embed, merger] if d.is_main else []):
             qwen2vl.release(m)
+        allocator.trim()
     return results
 
 
