@@ -145,6 +145,11 @@ def target(p: Problem) -> list[torch.Tensor]:
     return [torch.cat([p.output([b], p.weights, p.biases)[0] for b in _blocks(x)]) for x in p.x]
 
 
+def _error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Sum of squared differences, accumulated in float64."""
+    return sum(float(torch.sub(g, t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
+
+
 def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
     """Quantized group output error with input channels divided by s (see the module docstring)."""
     lo, hi = float((p.ch_min / s).min()), float((p.ch_max / s).max())
@@ -157,21 +162,16 @@ def loss(p: Problem, want: list[torch.Tensor], s: torch.Tensor) -> float:
             kernels.append(int8.Kernel.of(a_scale, a_offset, int8.quantize_weight(w, sc), sc, b))
         if p.attend is not None:
             codes = [int8.quantize_act(x / s, a_scale, a_offset).to(torch.int8) for x in p.x]
-            got = p.attend(codes, kernels)
-            err = sum(float(g.sub_(t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
-            return err / max(1, p.tokens)
+            return _error(p.attend(codes, kernels), want) / max(1, p.tokens)
         err = 0.0
         for x, t in zip(p.x, want):  # block by block: the outputs of a block of tokens at a time
             for xb, tb in zip(_blocks(x), _blocks(t)):
                 c = int8.quantize_act(xb / s, a_scale, a_offset).to(torch.int8)
-                got = p.combine([k(c) for k in kernels])
-                err += float(got.sub_(tb).square_().sum(dtype=torch.float64))
+                err += _error([p.combine([k(c) for k in kernels])], [tb])
         return err / max(1, p.tokens)
     xs = [int8.fake_quant_act(x / s, a_scale, a_offset) for x in p.x]
     ws = [fake_quant_weight(w * s) for w in p.weights]
-    got = p.output(xs, ws, p.biases)
-    err = sum(float(torch.sub(g, t).square_().sum(dtype=torch.float64)) for g, t in zip(got, want))
-    return err / max(1, p.tokens)
+    return _error(p.output(xs, ws, p.biases), want) / max(1, p.tokens)
 
 
 def _spread(n: int, k: int) -> torch.Tensor:
