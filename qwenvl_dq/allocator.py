@@ -6,12 +6,12 @@ from the heap, reused but not returned. Left alone, each free of an mmapped chun
 chunk's size (up to 32 MiB); from then on layer-sized buffers come from the heap, and loading and freeing one
 layer after another grows RSS with every layer (measured: 8 -> 32 decoder layers took RSS from 0.5 to 1.7 GiB).
 Pinned too low (glibc's initial 128 KiB), every temporary is a fresh mmap that the kernel zero-fills page by
-page: measured here, a [1536 x 1024] float32 multiply took 2.9 ms instead of 0.09 ms, and calibration ran 1.3x
-(none) to 1.7x (m2) slower. So the threshold is pinned at THRESHOLD (a sample's activations on a medium model come
-from the heap; a layer's weights, and on a large model every activation, are mmapped and returned), raised to
-SEARCH_THRESHOLD while an anti-outlier search scores its candidates (their quantized weights and outputs are
-reused hundreds of times), and the heap's free pages are handed back (malloc_trim) after each search and each
-layer.
+page: measured here, a [1536 x 1024] float32 multiply took 2.9 ms instead of 0.09 ms, and a run of the bench's
+medium model 22.9 s instead of 16.1 s (none), about 80 s instead of 44.5 s (m2). So the threshold is pinned at
+THRESHOLD (a sample's activations on a medium model come from the heap; a layer's weights, and on a large model
+every activation, are mmapped and returned), raised to SEARCH_THRESHOLD while an anti-outlier search scores its
+candidates (their quantized weights and outputs are reused hundreds of times), and the heap's free pages are
+handed back (malloc_trim) after each search and each layer.
 """
 
 from __future__ import annotations
