@@ -87,7 +87,9 @@ class Kernel:
     """One W8A8 linear as the integer kernel computes it, for the int8 weight wq [out, in]: kernel(xq) on the
     activation codes xq (int8 [..., in]) is (xq - offset) @ wq^T in integers, times input_scale * weight_scale
     (deq), plus the float bias; float32 [..., out]. The offset's term and the bias are one per-row constant, made
-    once per weight (of) and reused for every block of codes."""
+    once per weight (of) and reused for every block of codes. For codes from quantize_act with scale/offset and wq,
+    w_scale from quantize_weight: the same numbers as linear(fake_quant_act(x), wq * w_scale, bias) up to float32
+    rounding."""
 
     wq: torch.Tensor
     deq: torch.Tensor  # float32 [out]
@@ -103,14 +105,6 @@ class Kernel:
     def __call__(self, xq: torch.Tensor) -> torch.Tensor:
         y = torch.addcmul(self.const, int_matmul(xq.reshape(-1, xq.shape[-1]), self.wq).float(), self.deq)
         return y.reshape(*xq.shape[:-1], y.shape[-1])
-
-
-def kernel_linear(xq: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """The W8A8 kernel on the codes xq (quantize_act with scale/offset) for wq with w_scale [out, 1]
-    (quantize_weight) and the float bias (Kernel). The same numbers as linear(fake_quant_act(x), wq * w_scale,
-    bias) up to float32 rounding."""
-    return Kernel.of(scale, offset, wq, w_scale, bias)(xq)
 
 
 def deq_scale(input_scale: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:

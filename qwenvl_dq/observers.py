@@ -114,9 +114,9 @@ def histogram_range(hist: torch.Tensor, lo: float, hi: float, levels: int = 256)
         loss = below + above + inside
         loss = torch.where(ib > ia, loss, torch.full_like(loss, float("inf")))
         k = int(torch.argmin(loss))
-        if float(loss.view(-1)[k]) < best:  # strictly lower: the first minimum in row-major order wins, as before
-            best = float(loss.view(-1)[k])
-            a, b = start + k // len(idx), k % len(idx)
+        low = float(loss.view(-1)[k])
+        if low < best:  # strictly lower: the first minimum in row-major order wins, as before
+            best, a, b = low, start + k // len(idx), k % len(idx)
     return lo + int(idx[a]) * width, lo + int(idx[b]) * width
 
 

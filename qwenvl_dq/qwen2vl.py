@@ -705,7 +705,7 @@ def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
 def group_attend(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
     """Attention groups: f(codes, linears) -> the outputs group_output gives, batch by batch, from the windows'
     int8 activation codes, with the group's linears replaced by the functions in `linears` (each maps its input
-    codes to its output: int8.kernel_linear for the quantized group). None for token-wise groups."""
+    codes to its output: an int8.Kernel for the quantized group). None for token-wise groups."""
     if group_combine(layer, group) is not None:
         return None
     run, leaves = _attention(kind, layer, group, calls)

@@ -16,7 +16,7 @@ act(fc1) for the vision norm2 -> fc1; the linear itself for v -> o), Q_w is per-
 x / s seen in calibration (per-channel min/max over every token / s). x is the group's token reservoir: windows of
 every calibration sample, not one sample.
 Each quantized linear is computed as the W8A8 kernel does it, in integers:
-(Q_a codes - offset) @ Q_w codes^T times input_scale * weight_scale (int8.kernel_linear; an int8 GEMM on cpu),
+(Q_a codes - offset) @ Q_w codes^T times input_scale * weight_scale (int8.Kernel; an int8 GEMM on cpu),
 for token-wise outputs BLOCK_TOKENS tokens at a time, so a search's memory follows the block, not the reservoir;
 for attention the projections' outputs are handed to the live attention module in place of its linears.
 
@@ -83,7 +83,7 @@ class Problem:
     rowwise: output row i depends on row i of each linear only (token-wise outputs: its rows may be subset);
     output_of(keep): the output function of windows `keep` alone (attention: its windows may be subset).
     combine(ys): token-wise groups, the output from each linear's output; with it the quantized outputs are
-    computed as the integer kernel does (int8.kernel_linear: exact integer products, several times faster on cpu
+    computed as the integer kernel does (int8.Kernel: exact integer products, several times faster on cpu
     than the float32 matmul of the fake-quantized operands, the same numbers to float32 rounding).
     attend(codes, linears): attention groups, the outputs `output` gives from the windows' int8 activation codes
     with each linear replaced by a function of its input (the kernel's); attend_of(keep): that of windows `keep`."""

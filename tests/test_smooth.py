@@ -251,7 +251,7 @@ def test_token_wise_outputs_in_blocks_of_tokens_give_the_whole_reservoir_loss(mo
     assert torch.equal(blocked[2], whole[2])
 
 
-def test_kernel_linear_is_the_integer_kernel():
+def test_kernel_is_the_integer_kernel():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(33, 40, generator=g) * 3
     w, b = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
@@ -260,6 +260,6 @@ def test_kernel_linear_is_the_integer_kernel():
     ws = int8.weight_scale(w)
     wq = int8.quantize_weight(w, ws)
     exact = ((codes.double() - float(offset)) @ wq.double().T) * (scale.double() * ws.double().reshape(1, -1))
-    got = int8.kernel_linear(codes, scale, offset, wq, ws, b)
+    got = int8.Kernel.of(scale, offset, wq, ws, b)(codes)
     torch.testing.assert_close(got.double(), exact + b.double(), rtol=1e-6, atol=1e-6)
     assert torch.equal(int8.int_matmul(codes, wq), (codes.long() @ wq.long().T).int())
