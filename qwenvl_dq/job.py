@@ -40,6 +40,7 @@ class Summary:
     bytes_read: int = 0  # in all
     peak_rss: dict[str, int] = dataclasses.field(default_factory=dict)  # phase -> peak resident bytes
     ranks: dict[int, dict] = dataclasses.field(default_factory=dict)  # rank 0 only: other ranks' peak_rss, bytes_read
+    layers: tuple[int, int] = (0, 0)  # [start, stop) of the decoder layers this rank calibrated
 
 
 def model_dtype(src_cfg: dict, ckpt: Checkpoint | None) -> torch.dtype:
@@ -163,9 +164,13 @@ def _model(cfg: Config, weights: bool = True):
     return src_cfg, arch, ckpt, model_dtype(src_cfg, ckpt)
 
 
-def _plan(cfg: Config, arch: qwen2vl.Arch, dtype: torch.dtype, world: int, budget: int | None) -> plan.Plan:
-    return plan.make_plan(arch, dtype, world, budget, images=cfg.calib_num or 30, anti_method=cfg.anti_method,
-                          compute=calibrate.compute_dtype(cfg.device_type, dtype))
+def _plan(cfg: Config, arch: qwen2vl.Arch, dtype: torch.dtype, world: int, budget: int | None,
+          images: int | None = None, tokens: int = plan.TOKENS) -> plan.Plan:
+    """images, tokens: the calibration set's (rank 0 reads it); before that, the --calib_num or 30 images of
+    plan.TOKENS tokens the estimate assumes."""
+    return plan.make_plan(arch, dtype, world, budget, images=images or cfg.calib_num or 30,
+                          anti_method=cfg.anti_method, compute=calibrate.compute_dtype(cfg.device_type, dtype),
+                          tokens=tokens)
 
 
 def _dry_run(cfg: Config, world: int) -> None:
@@ -203,9 +208,6 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progres
     seconds = {}
     src_cfg, arch, ckpt, dtype = source
     out = cfg.save_directory
-    layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device))
-    if d.is_main and d.world_size > 1:
-        log.info("plan:\n%s", plan.report(layout, arch, dtype))
     fmt = output_format(cfg, ckpt, arch, dtype)
     samples = None
     if d.is_main:
@@ -215,15 +217,20 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progres
                 fmt.layout.create(out)
                 token = output.share_token(out) if d.world_size > 1 else None
         except UserError as e:
-            d.broadcast_object(("error", str(e), None, None), "the calibration images")
+            d.broadcast_object(("error", str(e), None, None, None), "the calibration images")
             raise
-        d.broadcast_object(("samples", len(samples), digest, token), "the calibration images")
-        log.info("calibrating on %d images from %s", len(samples), cfg.calib_images)
-        n = len(samples)
+        n, tokens = len(samples), round(sum(s.input_ids.shape[-1] for s in samples) / len(samples))
+        d.broadcast_object(("samples", n, digest, token, tokens), "the calibration images")
     else:
-        what, n, digest, token = d.broadcast_object(None, "the calibration images")
+        what, n, digest, token, tokens = d.broadcast_object(None, "the calibration images")
         if what == "error":
             raise UserError(f"rank 0: {n}")
+    # every rank the same plan, its layers balanced for the images as they are
+    layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device), n, tokens)
+    if d.is_main and d.world_size > 1:
+        log.info("plan:\n%s", plan.report(layout, arch, dtype))
+    if d.is_main:
+        log.info("calibrating on %d images from %s", n, cfg.calib_images)
     try:
         return _run(cfg, d, t0, source, bars, layout, fmt, samples, n, digest, token, seconds)
     except BaseException:
@@ -293,7 +300,7 @@ def _run(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Pro
         peaks["write"] = allocator.peak_rss()
         d.send_object((results, {"peak_rss": peaks, "bytes_read": ckpt.bytes_read, "written": weights.files.written,
                                  "bytes_written": written}), 0, "this rank's results")
-        return Summary(out, [], written, 0, seconds, d.rank, read, ckpt.bytes_read, peaks)
+        return Summary(out, [], written, 0, seconds, d.rank, read, ckpt.bytes_read, peaks, layers=mine.layers)
     if shared:
         _gather(d, results, others)
     log.info("calibration done in %.1f s: %d results from %d ranks; %s", seconds["calibrate"], len(results),
@@ -306,7 +313,8 @@ def _run(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Pro
     peaks["write"] = allocator.peak_rss()
     seconds["total"] = time.perf_counter() - t0
     source_bytes = sum(ckpt.nbytes(n) for n in ckpt.names())
-    return Summary(out, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks, others)
+    return Summary(out, files, written, source_bytes, seconds, d.rank, read, ckpt.bytes_read, peaks, others,
+                   mine.layers)
 
 
 def _gather(d: dist.Dist, results: dict, others: dict) -> None:

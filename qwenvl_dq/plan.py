@@ -3,8 +3,16 @@
 Sizes come from config.json alone (the checkpoint table in the adapter times the dtype's width), so a plan can be
 printed for any config, weights or not, and every rank computes the same one. Rank 0 holds the vision tower (blocks,
 patch embedding, merger) and reads the embedding rows it needs; the decoder layers are split into contiguous
-slices, one per rank, each rank at least one layer, so that the largest load (rank 0's counting the vision tower)
-is as small as it can be.
+slices, one per rank, each rank at least one layer, so that the largest calibration work (rank 0's counting the
+vision tower) is as small as it can be. A rank's work is counted in floating-point operations (costs): every sample
+through each unit once per sweep (linears, and attention over the sample's tokens: the vision tower runs
+merge_size^2 patches per image token and attends over the whole image, Qwen2.5-VL's windowed blocks over a
+window), plus, when smoothing, the search: every candidate on a proxy of the group, the finalists on the whole
+reservoir (smooth.py). By bytes the 72B tower is 0.8 of a decoder layer, by work 4.1 (m2): balanced by bytes,
+rank 0 got 10 layers of 80 on 8 ranks and was the slowest stage by 28%; by work it gets 3, the others 11. Operations
+are not seconds: timed per unit on this project's medium model (1 CPU thread, 30 images of 188 tokens), the vision
+blocks' forward took 1.39x a decoder layer's against 1.64x counted, their search 0.71x a layer's against 0.66x,
+and a layer's search 0.56x its two forward sweeps against 1.34x counted (int8 matmuls run faster than float32).
 
 A rank holds its whole slice (resident) when it fits its memory budget and there is another rank to overlap with:
 samples then stream through the ranks one at a time (pipeline). Otherwise it streams its layers one at a time
@@ -15,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 
-from . import qwen2vl
+from . import qwen2vl, smooth
 from .errors import UserError
 from .observers import RESERVOIR_TOKENS
 
@@ -41,6 +50,7 @@ class Plan:
     total_bytes: int  # every tensor of the checkpoint
     budget: int | None  # per-rank memory budget the plan was made for
     images: int
+    tokens: int  # tokens per image the layers were balanced for (the peaks assume TOKENS)
 
 
 def sizes(arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[int, tuple[int, ...], int]:
@@ -60,9 +70,46 @@ def sizes(arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[int, tuple[int, ...],
     return vision, tuple(layers), total
 
 
+def _linears(shapes: dict[str, tuple[int, ...]], prefix: str) -> list[tuple[int, int]]:
+    """(out, in) of every linear weight under prefix."""
+    return [s for n, s in shapes.items() if n.startswith(prefix) and n.endswith(".weight") and len(s) == 2]
+
+
+def _search(linears: list[tuple[int, int]]) -> int:
+    """Operations of smoothing one unit: every candidate on the proxy (PROXY_TOKENS tokens, PROXY_ROWS rows of each
+    linear), the finalists and the unsmoothed candidate on the whole reservoir (smooth._pick)."""
+    return sum(2 * i * (smooth.M2_GRID * smooth.PROXY_TOKENS * min(o, smooth.PROXY_ROWS)
+                        + (smooth.FINALISTS + 1) * RESERVOIR_TOKENS * o) for o, i in linears)
+
+
+def costs(arch: qwen2vl.Arch, images: int, tokens: int = TOKENS,
+          smoothing: bool = True) -> tuple[int, tuple[int, ...]]:
+    """(vision tower, each decoder layer): operations of calibrating it on `images` images of `tokens` tokens."""
+    shapes = qwen2vl.checkpoint_shapes(arch)
+    sweeps = 2 if smoothing else 1
+    patches = tokens * arch.vision_merge_size ** 2
+    window = (arch.vision_window_size // arch.vision_patch_size) ** 2 if arch.vision_window_size else patches
+    vision = 2 * patches * sum(math.prod(s) for n, s in shapes.items() if n.startswith("visual.patch_embed."))
+    vision += 2 * tokens * sum(o * i for o, i in _linears(shapes, "visual.merger."))
+    for b in range(arch.vision_depth):
+        lin = _linears(shapes, f"visual.blocks.{b}.")
+        span = patches if b in arch.vision_fullatt_blocks or not arch.vision_window_size else min(window, patches)
+        vision += 2 * patches * sum(o * i for o, i in lin) + 4 * patches * span * arch.vision_embed_dim
+    vision *= sweeps * images
+    if smoothing:
+        vision += sum(_search(_linears(shapes, f"visual.blocks.{b}.")) for b in range(arch.vision_depth))
+    layers = []
+    for i in range(arch.num_layers):
+        lin = _linears(shapes, f"model.layers.{i}.")
+        fwd = 2 * tokens * sum(o * x for o, x in lin) + 4 * tokens * tokens * arch.hidden_size
+        layers.append(sweeps * images * fwd + (_search(lin) if smoothing else 0))
+    return vision, tuple(layers)
+
+
 def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int, int], ...]:
-    """Contiguous slices of `costs`, one non-empty slice per rank, minimising the largest load, where rank 0's
-    load also counts `first`. Ties go to the split that gives earlier ranks fewer layers (deterministic)."""
+    """Contiguous slices of `costs` (of the decoder layers), one non-empty slice per rank, minimising the largest
+    load, where rank 0's load also counts `first` (the vision tower's). Ties go to the split that gives earlier
+    ranks fewer layers (deterministic)."""
     n = len(costs)
     if ranks > n:
         raise UserError(f"world size: {ranks} ranks but the model has only {n} decoder layers; every rank needs at "
@@ -114,11 +161,13 @@ def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_
 
 
 def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: int | None = None,
-              images: int = 30, anti_method: str = "m2", compute: torch.dtype | None = None) -> Plan:
-    """compute: what calibration holds and runs the layers in (calibrate.compute_dtype); default the model dtype."""
+              images: int = 30, anti_method: str = "m2", compute: torch.dtype | None = None,
+              tokens: int = TOKENS) -> Plan:
+    """compute: what calibration holds and runs the layers in (calibrate.compute_dtype); default the model dtype.
+    tokens: per image, what the layers are balanced for (rank 0 knows it once the images are read)."""
     vision, layers, total = sizes(arch, dtype)
-    slices = partition(vision, layers, world_size)
     smoothing = anti_method != "none"
+    slices = partition(*costs(arch, images, tokens, smoothing), world_size)
     compute = compute or dtype
     widen = torch.empty(0, dtype=compute).element_size() / torch.empty(0, dtype=dtype).element_size()
     largest = int(max(layers) * widen)
@@ -132,7 +181,7 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)
         ranks.append(RankPlan(r, (a, b), weights, resident, peak))
-    return Plan(tuple(ranks), total, budget, images)
+    return Plan(tuple(ranks), total, budget, images, tokens)
 
 
 def size(n: int) -> str:
@@ -144,7 +193,8 @@ def report(plan: Plan, arch: qwen2vl.Arch, dtype: torch.dtype) -> str:
     lines = [
         f"model: {arch.vision_depth} vision blocks, {arch.num_layers} decoder layers, "
         f"{size(plan.total_bytes)} of weights ({str(dtype).replace('torch.', '')})",
-        f"plan: {len(plan.ranks)} ranks, {budget}, {plan.images} images x {TOKENS} tokens",
+        f"plan: {len(plan.ranks)} ranks, {budget}, {plan.images} images x {TOKENS} tokens"
+        + ("" if plan.tokens == TOKENS else f" (peaks; the layers balanced for {plan.tokens} tokens per image)"),
     ]
     for r in plan.ranks:
         a, b = r.layers

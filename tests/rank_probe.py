@@ -1,6 +1,6 @@
 """Run one rank of `qwenvl-dq quantize` (the seed's flags) and print what the tests measure about it, as one line:
 PROBE {"rank", "read" (tensors read during calibration, in order), "bytes_read" (in the whole run), "bytes_written"
-(rank 0: all ranks'), "peak_rss" (bytes per phase), "seconds"}.
+(rank 0: all ranks'), "peak_rss" (bytes per phase), "seconds", "layers" ([start, stop) of its decoder layers)}.
 
 --probe_unshared (first): ranks other than 0 do not find rank 0's token in save_directory, as on hosts that do not
 share it."""
@@ -22,4 +22,4 @@ if __name__ == "__main__":
     s = job.quantize(cfg)
     print("PROBE " + json.dumps({"rank": s.rank, "read": s.tensors_read, "bytes_read": s.bytes_read,
                                  "bytes_written": s.bytes_written, "peak_rss": s.peak_rss,
-                                 "seconds": s.seconds}), flush=True)
+                                 "seconds": s.seconds, "layers": s.layers}), flush=True)

@@ -1,5 +1,5 @@
 """Several ranks, real processes over gloo: the same bytes as one rank, each rank reads only its own layers, a lost
-rank stops everyone with its name, and the plan splits layers by bytes."""
+rank stops everyone with its name, and the plan splits layers by their calibration work."""
 
 import json
 import os
@@ -66,9 +66,12 @@ def test_each_rank_reads_only_its_own_layers_once_and_writes_them(five_layers, t
     ranks = probes(run_ranks(3, seed_flags(five_layers, tmp_path / "o", "--anti_method", "m2"), script=PROBE))
     ckpt = Checkpoint(five_layers)
     arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(five_layers))
-    layout = plan.make_plan(arch, torch.bfloat16, 3)
+    samples = calib_data.load_samples(CALIB, five_layers, limit=3)
+    tokens = round(sum(s.input_ids.shape[-1] for s in samples) / 3)
+    layout = plan.make_plan(arch, torch.bfloat16, 3, images=3, tokens=tokens)  # balanced for these images
     for r, p in ranks.items():
         a, b = layout.ranks[r].layers
+        assert tuple(p["layers"]) == (a, b), r
         mine = {n for n in ckpt.names() if any(n.startswith(f"model.layers.{i}.") for i in range(a, b))}
         if r == 0:
             mine |= {n for n in ckpt.names() if n.startswith("visual.")} | {"model.embed_tokens.weight"}
@@ -145,12 +148,34 @@ def test_a_killed_rank_stops_every_other_rank_with_its_name(five_layers, tmp_pat
     assert not [n for n in names if n.startswith("quant_model_description")]
 
 
-def test_partition_balances_bytes_with_the_vision_tower_on_rank_0():
+def test_partition_balances_the_load_with_the_vision_tower_on_rank_0():
     assert plan.partition(0, (1,) * 6, 3) == ((0, 2), (2, 4), (4, 6))
     assert plan.partition(3, (1,) * 9, 3) == ((0, 1), (1, 5), (5, 9))  # loads 3 + 1, 4, 4
     assert plan.partition(100, (1,) * 4, 4) == ((0, 1), (1, 2), (2, 3), (3, 4))  # every rank keeps one layer
     with pytest.raises(UserError, match="5 ranks but the model has only 4 decoder layers"):
         plan.partition(0, (1,) * 4, 5)
+
+
+def test_costs_count_a_layers_operations_and_the_vision_towers_patches():
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(os.path.join(ROOT, "tests", "data", "configs",
+                                                                   "Qwen2-VL-72B-Instruct")))
+    linears = 2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 29568 * 8192  # q, o; k, v; gate, up, down
+    vision, layers = plan.costs(arch, images=1, tokens=1024, smoothing=False)
+    assert len(layers) == 80 and set(layers) == {2 * 1024 * linears + 4 * 1024 * 1024 * 8192}
+    block = 3 * 1280 * 1280 + 1280 * 1280 + 2 * 1280 * 5120  # qkv, proj, fc1, fc2
+    merger = 5120 * 5120 + 8192 * 5120
+    embed = 1280 * 3 * 2 * 14 * 14
+    want = 32 * (2 * 4096 * block + 4 * 4096 * 4096 * 1280) + 2 * 1024 * merger + 2 * 4096 * embed
+    assert vision == want
+    # by bytes the tower is 0.80 of a layer, by work 4.40 (none) and 4.06 (m2: two sweeps and the search)
+    vb, lb, _ = plan.sizes(arch, torch.bfloat16)
+    assert round(vb / lb[0], 2) == 0.80 and round(vision / layers[0], 2) == 4.40
+    vision, layers = plan.costs(arch, images=30, tokens=1024, smoothing=True)
+    assert round(vision / layers[0], 2) == 4.06
+    assert plan.partition(vision, layers, 8)[:2] == ((0, 3), (3, 14))  # loads 3 + 4.06, 11 layers
+    # the same images, fewer tokens: attention shrinks faster than the linears
+    vision, layers = plan.costs(arch, images=30, tokens=256, smoothing=False)
+    assert round(vision / layers[0], 2) == 3.32
 
 
 def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
@@ -161,16 +186,16 @@ def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
                     "m2", "--device_type", "npu") == 0
     out = capsys.readouterr().out
     assert "32 vision blocks, 80 decoder layers, 136.73 GiB of weights (bfloat16)" in out
-    assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
-            "pipelined, estimated peak 20.27 GiB") in out
-    assert "rank 7: decoder layers 70..79 (10 layers): 16.35 GiB of weights" in out
+    assert ("rank 0: decoder layers 0..2 (3 layers + vision tower): 6.21 GiB of weights, holds its slice, "
+            "pipelined, estimated peak 7.51 GiB") in out
+    assert "rank 7: decoder layers 69..79 (11 layers): 17.98 GiB of weights" in out
     assert "(no weights in model_path: sizes from config.json)" in out
     assert not os.path.exists(tmp_path / "o")
     # on cpu the layers are held and run in float32 (a CPU without bf16 units emulates bf16): twice the bytes
     assert quantize(model, tmp_path / "o", "--dry_run", "--ranks", "8", "--max_memory", "64", "--anti_method",
                     "m2") == 0
-    assert ("rank 0: decoder layers 0..9 (10 layers + vision tower): 17.65 GiB of weights, holds its slice, "
-            "pipelined, estimated peak 37.98 GiB") in capsys.readouterr().out
+    assert ("rank 0: decoder layers 0..2 (3 layers + vision tower): 6.21 GiB of weights, holds its slice, "
+            "pipelined, estimated peak 13.78 GiB") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags, message", [

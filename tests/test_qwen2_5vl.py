@@ -194,10 +194,10 @@ def test_plan_sizes_of_the_published_7b_config(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[:4] == [
         "model: 32 vision blocks, 28 decoder layers, 15.45 GiB of weights (bfloat16)",
         "plan: 2 ranks, 32.00 GiB per rank, 30 images x 1024 tokens",
-        "rank 0: decoder layers 0..12 (13 layers + vision tower): 6.90 GiB of weights, holds its slice, pipelined, "
-        "estimated peak 8.27 GiB",
-        "rank 1: decoder layers 13..27 (15 layers): 6.51 GiB of weights, holds its slice, pipelined, "
-        "estimated peak 8.04 GiB",
+        "rank 0: decoder layers 0..8 (9 layers + vision tower): 5.17 GiB of weights, holds its slice, pipelined, "
+        "estimated peak 6.20 GiB",
+        "rank 1: decoder layers 9..27 (19 layers): 8.25 GiB of weights, holds its slice, pipelined, "
+        "estimated peak 10.11 GiB",
     ]
 
 
