@@ -81,25 +81,21 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
         mods = [layer.get_submodule(n) for n in g.linears]
         row0, rows, tie = qwen2vl.v_layout(kind, arch) if g.v_rows else (0, 0, None)
         xs = [x for *_, x in windows]
-        output_of = attend = attend_of = None
+        subset = None
         if g.output == "attention":  # attention runs on each window with its own rotary tables
             win_calls = [qwen2vl.window_call(calls[k], start, end) for k, start, end, _ in windows]
-            output = qwen2vl.group_output(kind, layer, g, win_calls)
-            attend = qwen2vl.group_attend(kind, layer, g, win_calls)
+            output, attend = qwen2vl.group_output(kind, layer, g, win_calls)
 
-            def output_of(keep, win_calls=win_calls, g=g):
+            def subset(keep, win_calls=win_calls, g=g):
                 return qwen2vl.group_output(kind, layer, g, [win_calls[i] for i in keep])
-
-            def attend_of(keep, win_calls=win_calls, g=g):
-                return qwen2vl.group_attend(kind, layer, g, [win_calls[i] for i in keep])
         else:  # token-wise outputs: one matrix of every window's tokens
-            xs, output = [torch.cat(xs)], qwen2vl.group_output(kind, layer, g, [])
+            xs, (output, attend) = [torch.cat(xs)], qwen2vl.group_output(kind, layer, g, [])
         problem = smooth.Problem(
             x=xs, ch_min=obs.ch_min, ch_max=obs.ch_max,
             weights=[m.weight.float() for m in mods],
             biases=[None if m.bias is None else m.bias.float() for m in mods],
-            output=output, tie=tie, rowwise=g.output != "attention", output_of=output_of,
-            act_symmetric=act_symmetric, combine=qwen2vl.group_combine(layer, g), attend=attend, attend_of=attend_of)
+            output=output, tie=tie, rowwise=g.output != "attention", windows=subset,
+            act_symmetric=act_symmetric, combine=qwen2vl.group_combine(layer, g), attend=attend)
         shift = None
         if method == "m2" and g.has_bias:
             shift = smooth.m2_shift(obs.ch_min, obs.ch_max)
@@ -123,9 +119,10 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
 
 
 def compute_dtype(device_type: str, model_dtype: torch.dtype) -> torch.dtype:
-    """What calibration computes in. A CPU without bf16/fp16 units emulates them (measured here: a bf16 matmul runs
-    at a third of float32's speed), so on cpu the saved values are computed on in float32; a card computes in the
-    model dtype."""
+    """What calibration computes in. On cpu the saved values are computed on in float32: a CPU without bf16/fp16
+    units emulates them (measured on an AVX2 machine: a bf16 matmul at a third of float32's speed), and with them
+    (AVX-512 BF16: twice float32's speed) bf16 would give other bytes on other CPUs; float32 gives the same output on
+    any CPU and rank count. A card computes in the model dtype."""
     return torch.float32 if device_type == "cpu" else model_dtype
 
 

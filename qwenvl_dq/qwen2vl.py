@@ -681,14 +681,17 @@ def _attention(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
 
 
 def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
-    """f(xs, ws, bs) -> float32 outputs: the group output the searches measure, computed by the live layer's own
-    modules (rotary, heads, masks and activation of the installed transformers) with the given weights. Token-wise
-    outputs: one per x. Attention: calls[i] is window i's call (window_call), xs[i] its tokens, and the windows are
-    run in batches (batch_windows), one output per batch."""
+    """(output, attend) of a group. output(xs, ws, bs) -> float32 outputs: the group output the searches measure,
+    computed by the live layer's own modules (rotary, heads, masks and activation of the installed transformers)
+    with the given weights. Token-wise outputs: one per x; attend is None. Attention: calls[i] is window i's call
+    (window_call), xs[i] its tokens, and the windows are run in batches (batch_windows, built once for both), one
+    output per batch; attend(codes, linears) gives the same outputs from the windows' int8 activation codes, with
+    the group's linears replaced by the functions in `linears` (each maps its input codes to its output: an
+    int8.Kernel for the quantized group)."""
     combine = group_combine(layer, group)
     if combine is not None:
-        return lambda xs, ws, bs: [combine([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)])
-                                   for x in xs]
+        return (lambda xs, ws, bs: [combine([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)])
+                                    for x in xs]), None
     run, leaves = _attention(kind, layer, group, calls)
 
     def attention(xs, ws, bs):
@@ -699,14 +702,4 @@ def group_output(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
                 params[leaf + ".bias"] = b
         return run(xs, {}, params)
 
-    return attention
-
-
-def group_attend(kind: str, layer: nn.Module, group: SmoothGroup, calls: list):
-    """Attention groups: f(codes, linears) -> the outputs group_output gives, batch by batch, from the windows'
-    int8 activation codes, with the group's linears replaced by the functions in `linears` (each maps its input
-    codes to its output: an int8.Kernel for the quantized group). None for token-wise groups."""
-    if group_combine(layer, group) is not None:
-        return None
-    run, leaves = _attention(kind, layer, group, calls)
-    return lambda codes, linears: run(codes, {leaf: _Given(f) for leaf, f in zip(leaves, linears)})
+    return attention, lambda codes, linears: run(codes, {leaf: _Given(f) for leaf, f in zip(leaves, linears)})

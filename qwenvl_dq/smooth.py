@@ -81,12 +81,12 @@ class Problem:
     calibration token [C]; weights/biases: the group's linears ([out_i, C], [out_i] or None); output(xs, ws, bs)
     gives the group output; tie: [C] channel -> factor index, or None for one factor per channel.
     rowwise: output row i depends on row i of each linear only (token-wise outputs: its rows may be subset);
-    output_of(keep): the output function of windows `keep` alone (attention: its windows may be subset).
+    windows(keep): attention, (output, attend) of windows `keep` alone (its windows may be subset).
     combine(ys): token-wise groups, the output from each linear's output; with it the quantized outputs are
     computed as the integer kernel does (int8.Kernel: exact integer products, several times faster on cpu
     than the float32 matmul of the fake-quantized operands, the same numbers to float32 rounding).
     attend(codes, linears): attention groups, the outputs `output` gives from the windows' int8 activation codes
-    with each linear replaced by a function of its input (the kernel's); attend_of(keep): that of windows `keep`."""
+    with each linear replaced by a function of its input (the kernel's)."""
 
     x: list[torch.Tensor]
     ch_min: torch.Tensor
@@ -96,11 +96,10 @@ class Problem:
     output: Output
     tie: torch.Tensor | None = None
     rowwise: bool = False
-    output_of: Callable[[list[int]], Output] | None = None
+    windows: Callable[[list[int]], tuple[Output, Callable | None]] | None = None
     act_symmetric: bool = False  # the activation quantizer the product saves (--act_symmetric)
     combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
     attend: Callable[[list[torch.Tensor], list[Callable]], list[torch.Tensor]] | None = None
-    attend_of: Callable[[list[int]], Callable] | None = None
 
     @property
     def tokens(self) -> int:
@@ -193,11 +192,11 @@ def proxy(p: Problem) -> Problem:
         if q.tokens > PROXY_TOKENS:
             x = torch.cat(q.x)
             q = dataclasses.replace(q, x=[x[_spread(x.shape[0], PROXY_TOKENS)]])
-    elif p.output_of is not None and p.tokens > PROXY_WINDOW_TOKENS and len(p.x) > 1:
+    elif p.windows is not None and p.tokens > PROXY_WINDOW_TOKENS and len(p.x) > 1:
         k = max(1, round(len(p.x) * PROXY_WINDOW_TOKENS / p.tokens))
         keep = _spread(len(p.x), k).tolist()
-        q = dataclasses.replace(q, x=[p.x[i] for i in keep], output=p.output_of(keep), output_of=None,
-                                attend=p.attend_of(keep) if p.attend_of is not None else None, attend_of=None)
+        output, attend = p.windows(keep)
+        q = dataclasses.replace(q, x=[p.x[i] for i in keep], output=output, attend=attend, windows=None)
     return q
 
 

@@ -213,7 +213,7 @@ def test_attention_loss_in_integers_matches_the_fake_quantized_float_loss(tiny_m
     assert len(captured) == arch.vision_depth + arch.num_layers
     monkeypatch.setattr(smooth, "PROXY_WINDOW_TOKENS", 100)  # a proxy of one window of the two
     for p in (captured[0], captured[-1]):  # vision block 0, the last decoder layer
-        plain = smooth.dataclasses.replace(p, attend=None, attend_of=None)
+        plain = smooth.dataclasses.replace(p, attend=None, windows=lambda keep, p=p: (p.windows(keep)[0], None))
         want = smooth.target(p)
         r = torch.maximum(p.ch_max, -p.ch_min).double()
         scales = [smooth.m2_scale(r, float(t)) for t in smooth.m2_grid(r, 12)]
