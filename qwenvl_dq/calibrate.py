@@ -121,8 +121,9 @@ def solve_smoothing(kind: str, layer: nn.Module, prefix: str, method: str, arch:
 def compute_dtype(device_type: str, model_dtype: torch.dtype) -> torch.dtype:
     """What calibration computes in. On cpu the saved values are computed on in float32: a CPU without bf16/fp16
     units emulates them (measured on an AVX2 machine: a bf16 matmul at a third of float32's speed), and with them
-    (AVX-512 BF16: twice float32's speed) bf16 would give other bytes on other CPUs; float32 gives the same output on
-    any CPU and rank count. A card computes in the model dtype."""
+    (AVX-512 BF16: twice float32's speed) bf16 would give other bytes than on CPUs without them; float32 does not
+    depend on the CPU's bf16 units, and gives the same bytes on any rank count. A card computes in the model
+    dtype."""
     return torch.float32 if device_type == "cpu" else model_dtype
 
 
