@@ -335,6 +335,9 @@ def main() -> int:
     p.add_argument("--layers", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
                    help="decoder layers of the two models (default 8 32)")
     p.add_argument("--images", type=int, default=None, help="calibration images (default 30)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each measured run N times and keep the median by wall time (this machine's run-to-run "
+                        "spread is up to 20 percent with nothing else running)")
     p.add_argument("--threads", type=int, default=2, help="threads of a 1-rank run and of the floor (default 2)")
     p.add_argument("--json", default="bench.json", help="where the figures go (default bench.json)")
     p.add_argument("--work", default=None,
@@ -350,6 +353,8 @@ def main() -> int:
     p.add_argument("--rerun", nargs="*", default=[], metavar="RUN",
                    help="with --reuse: measure these runs again (names as in the table, e.g. 'ours m2 8L', 'floor')")
     a = p.parse_args()
+    if a.repeat < 1:
+        p.error(f"--repeat {a.repeat}: give 1 or more runs")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the working folder is still removed
     small, large = a.layers or ((2, 4) if a.quick else (8, 32))
     images = a.images or (8 if a.quick else 30)
@@ -389,12 +394,19 @@ def main() -> int:
                     runs[name]["hashes"] = tree_hashes(args[3])
                 print(f"  {name}: from {a.json}", flush=True)
                 return runs[name]
-            if a.idle > 0:
-                wait_idle(a.idle, a.idle_wait)
             print(f"{name} ...", flush=True)
-            runs[name] = fn(*args)
-            r = runs[name]
-            print(f"  {name}: wall {r['wall']:.1f} s, peak RSS {mib(r['peak_rss'])} MiB", flush=True)
+            tries = []
+            for _ in range(a.repeat):
+                if a.idle > 0:
+                    wait_idle(a.idle, a.idle_wait)
+                tries.append(fn(*args))
+            tries.sort(key=lambda t: t["wall"])
+            r = runs[name] = tries[len(tries) // 2]  # the median run, whole (its phases, peaks and bytes)
+            spread = ""
+            if len(tries) > 1:
+                r["walls"] = [t["wall"] for t in tries]
+                spread = f" (median of {len(tries)}: {tries[0]['wall']:.1f}-{tries[-1]['wall']:.1f} s)"
+            print(f"  {name}: wall {r['wall']:.1f} s{spread}, peak RSS {mib(r['peak_rss'])} MiB", flush=True)
             return r
 
         out = lambda name: os.path.join(a.work, "out_" + name.replace(" ", "_").replace("/", ""))  # noqa: E731
