@@ -165,12 +165,12 @@ def _model(cfg: Config, weights: bool = True):
 
 
 def _plan(cfg: Config, arch: qwen2vl.Arch, dtype: torch.dtype, world: int, budget: int | None,
-          images: int | None = None, tokens: int = plan.TOKENS) -> plan.Plan:
-    """images, tokens: the calibration set's (rank 0 reads it); before that, the --calib_num or 30 images of
-    plan.TOKENS tokens the estimate assumes."""
+          images: int | None = None, tokens: int = plan.TOKENS, longest: int = plan.TOKENS) -> plan.Plan:
+    """images, tokens (mean), longest: the calibration set's (rank 0 reads it); before that, the --calib_num or 30
+    images of plan.TOKENS tokens the estimate assumes."""
     return plan.make_plan(arch, dtype, world, budget, images=images or cfg.calib_num or 30,
                           anti_method=cfg.anti_method, compute=calibrate.compute_dtype(cfg.device_type, dtype),
-                          tokens=tokens)
+                          tokens=tokens, longest=longest)
 
 
 def _dry_run(cfg: Config, world: int) -> None:
@@ -217,16 +217,18 @@ def _quantize(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progres
                 fmt.layout.create(out)
                 token = output.share_token(out) if d.world_size > 1 else None
         except UserError as e:
-            d.broadcast_object(("error", str(e), None, None, None), "the calibration images")
+            d.broadcast_object(("error", str(e), None, None, None, None), "the calibration images")
             raise
-        n, tokens = len(samples), round(sum(s.input_ids.shape[-1] for s in samples) / len(samples))
-        d.broadcast_object(("samples", n, digest, token, tokens), "the calibration images")
+        lengths = [s.input_ids.shape[-1] for s in samples]
+        n, tokens, longest = len(samples), round(sum(lengths) / len(samples)), max(lengths)
+        d.broadcast_object(("samples", n, digest, token, tokens, longest), "the calibration images")
     else:
-        what, n, digest, token, tokens = d.broadcast_object(None, "the calibration images")
+        what, n, digest, token, tokens, longest = d.broadcast_object(None, "the calibration images")
         if what == "error":
             raise UserError(f"rank 0: {n}")
     # every rank the same plan, its layers balanced for the images as they are
-    layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device), n, tokens)
+    layout = _plan(cfg, arch, dtype, d.world_size, cfg.max_memory_bytes or dist.memory_budget(d.device), n, tokens,
+                   longest)
     if d.is_main and d.world_size > 1:
         log.info("plan:\n%s", plan.report(layout, arch, dtype))
     if d.is_main:

@@ -50,7 +50,8 @@ class Plan:
     total_bytes: int  # every tensor of the checkpoint
     budget: int | None  # per-rank memory budget the plan was made for
     images: int
-    tokens: int  # tokens per image the layers were balanced for (the peaks assume TOKENS)
+    tokens: int  # tokens per image the layers were balanced for (the images' mean)
+    peak_tokens: int = TOKENS  # tokens per image the peaks are estimated for: TOKENS, or the longest image's
 
 
 def sizes(arch: qwen2vl.Arch, dtype: torch.dtype) -> tuple[int, tuple[int, ...], int]:
@@ -138,13 +139,13 @@ def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int
 
 
 def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_layers: int, resident: bool,
-          images: int, smoothing: bool, main: bool, last: bool, src_el: int) -> int:
+          images: int, smoothing: bool, main: bool, last: bool, src_el: int, tokens: int = TOKENS) -> int:
     """dtype: what the live layers hold and compute in; weights and largest: their bytes in it; src_el: the
     checkpoint dtype's width. A unit's weights are quantized and written as soon as it is solved, while the rank
     still holds its layers (output.py), so that work adds to what is held; the token embeddings (rank 0) and the
     head (the last rank) are written after calibration, from the checkpoint."""
     el = torch.empty(0, dtype=dtype).element_size()
-    work = TOKENS * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
+    work = tokens * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
     # quantizing the largest linear: its weight in the source dtype and the int8 result (int8.quantize_weight
     # works in blocks of rows, so no full float32 copy)
     quant = arch.intermediate_size * arch.hidden_size * (src_el + 1)
@@ -152,19 +153,20 @@ def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_
     reservoir = RESERVOIR_TOKENS * arch.hidden_size * 3 * 4 if smoothing else 0
     chains = 2 if smoothing else 1
     if resident:
-        held = weights + reservoir * n_layers + 2 * TOKENS * arch.hidden_size * el * chains
+        held = weights + reservoir * n_layers + 2 * tokens * arch.hidden_size * el * chains
     else:
-        held = largest + reservoir + images * TOKENS * arch.hidden_size * el * chains
+        held = largest + reservoir + images * tokens * arch.hidden_size * el * chains
     # (rank 0 writes every tensor from the checkpoint after calibration when save_directory is not shared)
     rest = max(arch.vocab_size * arch.hidden_size * src_el, quant) if main or last else 0
-    return max(held + max(work, quant), rest + TOKENS * arch.hidden_size * 4)
+    return max(held + max(work, quant), rest + tokens * arch.hidden_size * 4)
 
 
 def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: int | None = None,
               images: int = 30, anti_method: str = "m2", compute: torch.dtype | None = None,
-              tokens: int = TOKENS) -> Plan:
+              tokens: int = TOKENS, longest: int = TOKENS) -> Plan:
     """compute: what calibration holds and runs the layers in (calibrate.compute_dtype); default the model dtype.
-    tokens: per image, what the layers are balanced for (rank 0 knows it once the images are read)."""
+    tokens: per image, what the layers are balanced for; longest: the longest image's, the peaks are estimated for
+    it when it exceeds TOKENS (rank 0 knows both once the images are read)."""
     vision, layers, total = sizes(arch, dtype)
     smoothing = anti_method != "none"
     slices = partition(*costs(arch, images, tokens, smoothing), world_size)
@@ -176,12 +178,12 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
         weights = sum(layers[a:b]) + (vision if r == 0 else 0)
         held = int(weights * widen)
         kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0, last=r == world_size - 1,
-                  src_el=torch.empty(0, dtype=dtype).element_size())
+                  src_el=torch.empty(0, dtype=dtype).element_size(), tokens=max(TOKENS, longest))
         resident_peak = _peak(arch, compute, held, largest, resident=True, **kw)
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)
         ranks.append(RankPlan(r, (a, b), weights, resident, peak))
-    return Plan(tuple(ranks), total, budget, images, tokens)
+    return Plan(tuple(ranks), total, budget, images, tokens, max(TOKENS, longest))
 
 
 def size(n: int) -> str:
@@ -193,8 +195,9 @@ def report(plan: Plan, arch: qwen2vl.Arch, dtype: torch.dtype) -> str:
     lines = [
         f"model: {arch.vision_depth} vision blocks, {arch.num_layers} decoder layers, "
         f"{size(plan.total_bytes)} of weights ({str(dtype).replace('torch.', '')})",
-        f"plan: {len(plan.ranks)} ranks, {budget}, {plan.images} images x {TOKENS} tokens"
-        + ("" if plan.tokens == TOKENS else f" (peaks; the layers balanced for {plan.tokens} tokens per image)"),
+        f"plan: {len(plan.ranks)} ranks, {budget}, {plan.images} images x {plan.peak_tokens} tokens"
+        + ("" if plan.tokens == plan.peak_tokens else f" (peaks; the layers balanced for {plan.tokens} tokens per "
+                                                      "image)"),
     ]
     for r in plan.ranks:
         a, b = r.layers

@@ -178,6 +178,23 @@ def test_costs_count_a_layers_operations_and_the_vision_towers_patches():
     assert round(vision / layers[0], 2) == 3.32
 
 
+def test_the_peaks_follow_the_longest_image_when_it_exceeds_the_estimates_tokens():
+    arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(os.path.join(ROOT, "tests", "data", "configs",
+                                                                   "Qwen2-VL-72B-Instruct")))
+    budget = 64 * plan.GIB
+    base = plan.make_plan(arch, torch.bfloat16, 8, budget)
+    assert plan.make_plan(arch, torch.bfloat16, 8, budget, longest=300) == base  # shorter images: still 1024
+    long = plan.make_plan(arch, torch.bfloat16, 8, budget, longest=4096)
+    assert [r.layers for r in long.ranks] == [r.layers for r in base.ranks]  # balanced for the mean, as before
+    # rank 1 (11 layers, resident, m2): two in-flight samples of each chain grow by 3072 tokens of bf16 hidden
+    # states, and one sample's float32 intermediates (4096 tokens) now exceed quantizing the largest linear
+    work = 4096 * (29568 * 3 + 8192 * 4) * 4
+    quant = 29568 * 8192 * 3
+    assert long.ranks[1].peak - base.ranks[1].peak == 2 * 3072 * 8192 * 2 * 2 + work - quant
+    assert "30 images x 4096 tokens (peaks; the layers balanced for 1024 tokens per image)" in plan.report(
+        long, arch, torch.bfloat16)
+
+
 def test_dry_run_plans_72b_on_8_cards_from_its_config_alone(tmp_path, capsys):
     from conftest import quantize
 
