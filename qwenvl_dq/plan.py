@@ -92,13 +92,13 @@ def costs(arch: qwen2vl.Arch, images: int, tokens: int = TOKENS,
     window = (arch.vision_window_size // arch.vision_patch_size) ** 2 if arch.vision_window_size else patches
     vision = 2 * patches * sum(math.prod(s) for n, s in shapes.items() if n.startswith("visual.patch_embed."))
     vision += 2 * tokens * sum(o * i for o, i in _linears(shapes, "visual.merger."))
+    search = 0
     for b in range(arch.vision_depth):
         lin = _linears(shapes, f"visual.blocks.{b}.")
         span = patches if b in arch.vision_fullatt_blocks or not arch.vision_window_size else min(window, patches)
         vision += 2 * patches * sum(o * i for o, i in lin) + 4 * patches * span * arch.vision_embed_dim
-    vision *= sweeps * images
-    if smoothing:
-        vision += sum(_search(_linears(shapes, f"visual.blocks.{b}.")) for b in range(arch.vision_depth))
+        search += _search(lin) if smoothing else 0
+    vision = sweeps * images * vision + search
     layers = []
     for i in range(arch.num_layers):
         lin = _linears(shapes, f"model.layers.{i}.")
@@ -169,6 +169,7 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
     it when it exceeds TOKENS (rank 0 knows both once the images are read)."""
     vision, layers, total = sizes(arch, dtype)
     smoothing = anti_method != "none"
+    peak_tokens = max(TOKENS, longest)
     slices = partition(*costs(arch, images, tokens, smoothing), world_size)
     compute = compute or dtype
     widen = torch.empty(0, dtype=compute).element_size() / torch.empty(0, dtype=dtype).element_size()
@@ -178,12 +179,12 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
         weights = sum(layers[a:b]) + (vision if r == 0 else 0)
         held = int(weights * widen)
         kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0, last=r == world_size - 1,
-                  src_el=torch.empty(0, dtype=dtype).element_size(), tokens=max(TOKENS, longest))
+                  src_el=torch.empty(0, dtype=dtype).element_size(), tokens=peak_tokens)
         resident_peak = _peak(arch, compute, held, largest, resident=True, **kw)
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)
         ranks.append(RankPlan(r, (a, b), weights, resident, peak))
-    return Plan(tuple(ranks), total, budget, images, tokens, max(TOKENS, longest))
+    return Plan(tuple(ranks), total, budget, images, tokens, peak_tokens)
 
 
 def size(n: int) -> str:
