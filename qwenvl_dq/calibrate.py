@@ -38,14 +38,15 @@ from .observers import ActObserver, Reservoir
 log = logging.getLogger(__name__)
 
 
-def observe(module: nn.Module, prefix: str, groups, state: dict,
-            reservoirs: dict | None = None) -> tuple[dict[tuple[str, ...], ActObserver], list]:
+def observe(module: nn.Module, prefix: str, groups, state: dict, reservoirs: dict | None = None,
+            histogram: bool = True) -> tuple[dict[tuple[str, ...], ActObserver], list]:
     """Attach one observer per group of linears (hooked on the group's first linear) and, for the groups in
-    `reservoirs`, feed the reservoir too (state["k"] is the sample being run). Returns (observers, hooks)."""
+    `reservoirs`, feed the reservoir too (state["k"] is the sample being run). histogram=False: the observers keep
+    per-channel ranges only. Returns (observers, hooks)."""
     observers, hooks = {}, []
     for group in groups:
         key = tuple(prefix + n for n in group)
-        obs = ActObserver()
+        obs = ActObserver(histogram=histogram)
         res = (reservoirs or {}).get(key)
 
         def hook(_m, args, o=obs, r=res):
@@ -189,16 +190,22 @@ class Layer:
         return qwen2vl.run_vision_block if self.kind == "vision" else qwen2vl.run_decoder_layer
 
     def start(self, sweep: int, n_samples: int, state: dict) -> None:
-        """Attach this sweep's observers (and, in the statistics sweep before smoothing, the token reservoirs)."""
+        """Attach this sweep's observers: in the statistics sweep before smoothing, on the smoothed groups only,
+        per-channel ranges and token reservoirs (all the search reads); in the last sweep on every group, with a
+        histogram where the activation range comes from one."""
         self.reservoirs = None
         self.observers, self.hooks = {}, []
         statistics = sweep == 0 and self.sweeps == 2
         if self.saved is not None or (statistics and self.factors is not None):
             return  # what these observers would feed is in the journal
         if statistics:
-            self.reservoirs = {tuple(self.prefix + n for n in g.linears): Reservoir(n_samples)
-                               for g in qwen2vl.smooth_groups(self.kind, self.anti_method, self.arch)}
-        self.observers, self.hooks = observe(self.module, self.prefix, self.groups, state, self.reservoirs)
+            smoothed = [g.linears for g in qwen2vl.smooth_groups(self.kind, self.anti_method, self.arch)]
+            self.reservoirs = {tuple(self.prefix + n for n in g): Reservoir(n_samples) for g in smoothed}
+            self.observers, self.hooks = observe(self.module, self.prefix, smoothed, state, self.reservoirs,
+                                                 histogram=False)
+        else:
+            self.observers, self.hooks = observe(self.module, self.prefix, self.groups, state,
+                                                 histogram=self.act_method == "histogram")
 
     def finish(self, sweep: int, calls: list) -> dict[str, torch.Tensor]:
         """Detach; after the statistics sweep solve (or restore) and fold the smoothing factors, after the last

@@ -17,10 +17,13 @@ ROW_BLOCK = 128  # histogram_range scores this many lower edges at a time
 
 
 class ActObserver:
-    """Statistics of one activation tensor x: [tokens, channels], updated sample by sample."""
+    """Statistics of one activation tensor x: [tokens, channels], updated sample by sample. histogram=False keeps
+    the per-channel range alone (what a smoothing search or the minmax range reads): the histogram is most of an
+    update's time."""
 
-    def __init__(self, bins: int = HIST_BINS):
+    def __init__(self, bins: int = HIST_BINS, histogram: bool = True):
         self.bins = bins
+        self.histogram = histogram
         self.ch_min: torch.Tensor | None = None
         self.ch_max: torch.Tensor | None = None
         self.hist: torch.Tensor | None = None  # float64 [bins] over [lo, hi]
@@ -35,6 +38,8 @@ class ActObserver:
         else:
             self.ch_min, self.ch_max = torch.minimum(self.ch_min, mn), torch.maximum(self.ch_max, mx)
         self.tokens += x.shape[0]
+        if not self.histogram:
+            return
         lo, hi = float(mn.min()), float(mx.max())
         if self.hist is None:
             self.lo, self.hi = lo, hi if hi > lo else lo + 1e-6
@@ -66,6 +71,8 @@ class ActObserver:
         if method == "minmax":
             return int8.act_qparams(self.min, self.max, symmetric)
         if method == "histogram":
+            if not self.histogram:
+                raise ValueError("this observer kept no histogram")
             if symmetric:
                 t = symmetric_histogram_range(self.hist, self.lo, self.hi)
                 return int8.act_qparams(-t, t, symmetric=True)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from qwenvl_dq import int8
@@ -16,6 +17,20 @@ def test_min_max_are_exact_over_samples_and_channels():
     s, o = obs.qparams("minmax")
     s_ref, o_ref = int8.act_qparams(float(cat.min()), float(cat.max()))
     assert torch.equal(s, s_ref) and torch.equal(o, o_ref)
+
+
+def test_an_observer_without_a_histogram_keeps_the_same_ranges_and_refuses_the_histogram_method():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(30 + k, 16, generator=g) * (k + 1) for k in range(3)]
+    full, ranges = ActObserver(), ActObserver(histogram=False)
+    for x in xs:
+        full.update(x)
+        ranges.update(x)
+    assert torch.equal(ranges.ch_min, full.ch_min) and torch.equal(ranges.ch_max, full.ch_max)
+    assert ranges.tokens == full.tokens == 93 and ranges.hist is None
+    assert all(torch.equal(a, b) for a, b in zip(ranges.qparams("minmax"), full.qparams("minmax")))
+    with pytest.raises(ValueError, match="kept no histogram"):
+        ranges.qparams("histogram")
 
 
 def test_widening_keeps_every_count():
