@@ -268,8 +268,11 @@ class Stage:
         return 1 if self.anti_method == "none" else 2
 
     def read(self, name: str) -> torch.Tensor:
+        """A source tensor on the device, floats in the compute dtype; on the cpu in a mapping of its own
+        (allocator.outside_heap: it outlives the searches' temporaries)."""
         t = self.ckpt.get(name)
-        return t.to(self.d.device, self.compute) if self.compute and t.is_floating_point() else t.to(self.d.device)
+        dtype = self.compute if self.compute and t.is_floating_point() else t.dtype
+        return allocator.outside_heap(t, dtype) if self.d.device.type == "cpu" else t.to(self.d.device, dtype)
 
     def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
         t = self.ckpt.rows(name, ids)
@@ -280,7 +283,10 @@ class Stage:
         return h.to(self.compute) if self.compute else h
 
     def down(self, h: torch.Tensor) -> torch.Tensor:
-        """Activations between layers (and on the wire) are kept in the saved dtype, as the model runs."""
+        """Activations between layers (and on the wire) are kept in the saved dtype, as the model runs. Layer-major,
+        each waits for the next layer to have run every sample: on the cpu in a mapping of its own."""
+        if not self.resident and h.device.type == "cpu":
+            return allocator.outside_heap(h, self.dtype)
         return h.to(self.dtype) if self.dtype else h
 
     def step(self, u: "Layer", h: torch.Tensor, call) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import int8
+from . import allocator, int8
 
 HIST_BINS = 2048
 ROW_BLOCK = 128  # histogram_range scores this many lower edges at a time
@@ -179,7 +179,7 @@ class Reservoir:
         """x: sample k's input, [tokens, channels] (or [1, tokens, channels])."""
         x = x.detach().reshape(-1, x.shape[-1])
         start, end = self.window(k, x.shape[0])
-        self.windows[k] = (start, end, x[start:end].float().clone())
+        self.windows[k] = (start, end, allocator.outside_heap(x[start:end], torch.float32))  # outlives the sweep
 
     def items(self) -> list[tuple[int, int, int, torch.Tensor]]:
         """[(sample, start, end, window)] in sample order."""

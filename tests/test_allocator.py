@@ -57,3 +57,34 @@ def test_small_buffers_stay_in_the_heap_until_trimmed_and_large_ones_go_back_on_
     assert kept > base - 20, (base, kept)  # freed, still resident
     assert trimmed < kept - 150, (kept, trimmed)  # handed back by trim()
     assert grown > trimmed + 150 and freed < grown - 150, (trimmed, grown, freed)  # mmapped: back on free
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            if start <= addr < end:
+                return True
+    return False
+
+
+def test_a_tensor_outside_the_heap_has_a_mapping_of_its_own_that_goes_with_it():
+    import gc
+    import mmap
+
+    import torch
+
+    from qwenvl_dq import allocator
+
+    src = torch.arange(3 << 15, dtype=torch.float32).reshape(3, 1 << 15).to(torch.bfloat16)
+    t = allocator.outside_heap(src, torch.float32)  # 384 KiB
+    assert t.dtype == torch.float32 and t.shape == (3, 1 << 15) and torch.equal(t, src.float())
+    addr = t.data_ptr()
+    assert addr % mmap.PAGESIZE == 0 and _mapped(addr)  # the start of a mapping, not a heap chunk
+    t.mul_(2)  # writable
+    assert float(t[2, -1]) == 2 * float(src[2, -1])
+    del t
+    gc.collect()
+    assert not _mapped(addr)  # unmapped with the tensor
+    small = allocator.outside_heap(src[:, :8])  # under OUTSIDE_MIN: a plain copy
+    assert small.dtype == torch.bfloat16 and torch.equal(small, src[:, :8]) and small.data_ptr() != src.data_ptr()
