@@ -17,7 +17,8 @@ What outlives a search is not left to the heap at all (`outside_heap`): a layer'
 carried from layer to layer and the search's token reservoirs each get a mapping of their own. From the heap they
 would take the free chunks a search leaves behind (a chunk over the threshold is served from free heap space when
 some fits), and the arena, pinned by them, grew by 20-30 MiB of free space per layer (glibc's mallinfo2, m2 on
-the bench's 8-layer model: 250 -> 400-510 MiB across the layers in some runs, flat in others).
+the bench's 8-layer model: 250 -> 400-510 MiB across the layers in some runs, flat in others). Out of the
+heap, the m2 peak is lower and steadier on 8 layers; some runs still creep with depth (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -297,7 +297,7 @@ def run_table(runs: dict) -> str:
     rows = []
     for name, r in runs.items():
         s, p = r.get("seconds", {}), r.get("peak_mib", {})
-        p0 = p.get(0, {})
+        p0 = p.get(0) or p.get("0", {})  # reused from bench.json: its keys are strings
         rows.append([name, f"{r['wall']:.1f}", f"{s.get('plan', 0):.1f}" if s else "-",
                      f"{s.get('calibrate', 0):.1f}" if s else "-", f"{s.get('write', 0):.1f}" if s else "-",
                      mib(r["peak_rss"]), "/".join(str(p0.get(k, "-")) for k in ("plan", "calibrate", "write"))
