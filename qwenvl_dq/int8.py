@@ -25,22 +25,41 @@ import torch
 QMIN, QMAX = -128, 127
 WMAX = 127
 _EPS = torch.finfo(torch.float32).eps  # the reference's floor for every scale
+# a block of rows at a time in weight quantization: its float32 temporaries (2 MiB) stay under the allocator's mmap
+# threshold and near the cache (a 4096 x 4096 bf16 weight: 16.7 ms in blocks of 512 rows, 5.3 ms in 128)
+BLOCK_ELEMENTS = 1 << 19
 
 
 def weight_scale(w: torch.Tensor) -> torch.Tensor:
-    """w: [out, in] -> scale [out, 1] float32, absmax of each output channel / 127 (tiny for all-zero rows)."""
-    return (w.float().abs().amax(dim=1, keepdim=True) / WMAX).clamp_min(_EPS)
+    """w: [out, in] -> scale [out, 1] float32, absmax of each output channel / 127 (tiny for all-zero rows). The
+    absmax is max(max, -min) in w's own dtype (exact, and no float32 copy of w)."""
+    absmax = torch.maximum(w.amax(dim=1, keepdim=True), w.amin(dim=1, keepdim=True).neg())
+    return (absmax.float() / WMAX).clamp_min(_EPS)
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, block_rows: int = 512) -> torch.Tensor:
+def _rows_per_block(w: torch.Tensor) -> int:
+    return max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, block_rows: int | None = None) -> torch.Tensor:
     """w: [out, in], scale: [out, 1] -> int8 [out, in], round-half-even(w / scale) clamped to [-127, 127].
 
-    Works in blocks of rows so a large matrix needs no full float32 copy."""
+    Works in blocks of rows (default BLOCK_ELEMENTS elements each), so a large matrix needs no full float32 copy."""
     out = torch.empty(w.shape, dtype=torch.int8)
-    for r in range(0, w.shape[0], block_rows):
-        blk = torch.div(w[r:r + block_rows].float(), scale[r:r + block_rows])
-        out[r:r + block_rows] = blk.round_().clamp_(-WMAX, WMAX).to(torch.int8)
+    step = block_rows or _rows_per_block(w)
+    for r in range(0, w.shape[0], step):
+        blk = torch.div(w[r:r + step].float(), scale[r:r + step])
+        out[r:r + step] = blk.round_().clamp_(-WMAX, WMAX).to(torch.int8)
     return out
+
+
+def row_sums(wq: torch.Tensor) -> torch.Tensor:
+    """int64 [out], the sum of each row of an int8 [out, in]: block by block in float32, which is exact while
+    |sum| <= 128 * in < 2**24 (rows of fewer than 131072 columns); longer rows are summed in int64."""
+    if wq.shape[1] * (QMAX + 1) >= 1 << 24:
+        return wq.sum(dim=1, dtype=torch.int64)
+    step = _rows_per_block(wq)
+    return torch.cat([wq[r:r + step].float().sum(dim=1) for r in range(0, wq.shape[0], step)]).to(torch.int64)
 
 
 def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -117,7 +136,7 @@ def quant_bias(bias: torch.Tensor | None, deq: torch.Tensor, input_offset: torch
     """int32 [out] = round(bias / deq_scale - input_offset * sum_k Wq[n, k]); bias None counts as 0.
 
     The offset correction moves the zero point out of the integer matmul: x_q @ Wq^T - offset * rowsum(Wq)."""
-    rowsum = wq.to(torch.int64).sum(dim=1).double()
+    rowsum = row_sums(wq).double()
     corr = -float(input_offset.reshape(-1)[0]) * rowsum
     if bias is not None:
         corr = corr + bias.double() / deq.double()

@@ -75,8 +75,9 @@ def cpu_gflops(threads: int) -> float:
 
 def quantize_mibs(threads: int) -> float:
     """MiB/s of bf16 source weight through merge.quantize_linear on this CPU (a 4096 x 4096 linear)."""
-    from qwenvl_dq import merge
+    from qwenvl_dq import allocator, merge
 
+    allocator.pin_mmap_threshold()  # as a run sets it
     torch.set_num_threads(threads)
     w = torch.randn(4096, 4096).to(torch.bfloat16)
     scale, offset = torch.tensor([0.02]), torch.tensor([3.0])

@@ -88,3 +88,32 @@ def test_a_tensor_outside_the_heap_has_a_mapping_of_its_own_that_goes_with_it():
     assert not _mapped(addr)  # unmapped with the tensor
     small = allocator.outside_heap(src[:, :8])  # under OUTSIDE_MIN: a plain copy
     assert small.dtype == torch.bfloat16 and torch.equal(small, src[:, :8]) and small.data_ptr() != src.data_ptr()
+
+
+# once pinned, a freed buffer at the heap's top stays for reuse (glibc's trim threshold would give back anything
+# over 128 KiB at once, and the next buffer would be page-faulted in again) until trim()
+TOP = """
+import numpy as np
+from qwenvl_dq import allocator
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+
+assert allocator.pin_mmap_threshold()
+a = np.ones((3 << 20) // 8)  # 3 MiB, under the threshold: the heap's top
+held = rss()
+del a
+kept = rss()
+allocator.trim()
+print(held, kept, rss())
+"""
+
+
+def test_a_freed_buffer_at_the_top_of_the_heap_stays_until_trimmed():
+    r = subprocess.run([sys.executable, "-c", TOP], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    held, kept, trimmed = map(int, r.stdout.split())
+    assert kept >= held - 1, (held, kept)  # not handed back on free
+    assert trimmed <= kept - 2, (kept, trimmed)  # handed back by trim()

@@ -107,3 +107,18 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
     for v, bits in zip(deq.tolist(), out.tolist()):
         assert bits == struct.unpack("<i", struct.pack("<f", v))[0]
     assert int8.deq_scale_for_dtype(deq, torch.bfloat16).dtype == torch.float32
+
+
+def test_row_sums_and_weight_scale_match_the_plain_computations_exactly():
+    g = torch.Generator().manual_seed(3)
+    for cols in (1000, 140_000):  # the float32 block path, and rows too long for it (int64)
+        wq = torch.randint(-128, 128, (5, cols), generator=g, dtype=torch.int8)
+        wq[0] = -128  # the largest magnitude a row can sum to
+        wq[1] = 127
+        assert torch.equal(int8.row_sums(wq), wq.to(torch.int64).sum(dim=1))
+    assert int(int8.row_sums(torch.full((2, 1000), -128, dtype=torch.int8))[0]) == -128_000
+    w = torch.randn(300, 700, generator=g).to(torch.bfloat16)
+    w[7] = -w[7].abs()  # a row whose absmax is its minimum
+    w[9] = 0  # an all-zero row: the floor
+    plain = (w.float().abs().amax(dim=1, keepdim=True) / int8.WMAX).clamp_min(int8._EPS)
+    assert torch.equal(int8.weight_scale(w), plain) and float(int8.weight_scale(w)[9, 0]) == int8._EPS
