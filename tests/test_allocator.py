@@ -23,8 +23,8 @@ def test_lifetime_peak_keeps_what_a_reset_makes_the_kernel_forget():
     assert window < 200, window  # the kernel's VmHWM counts from the reset (so does the ru_maxrss wait4 gives)
 
 
-# below THRESHOLD a buffer comes from the heap and stays after free until trim(); above it, it is returned on free
-HEAP = """
+# the start of a child that measures its own RSS with the mmap threshold pinned
+PINNED = """
 import numpy as np
 from qwenvl_dq import allocator
 
@@ -34,6 +34,10 @@ def rss():
             return int(line.split()[1]) // 1024
 
 assert allocator.pin_mmap_threshold()
+"""
+
+# below THRESHOLD a buffer comes from the heap and stays after free until trim(); above it, it is returned on free
+HEAP = PINNED + """
 small, pins = [], []
 for _ in range(200):  # 200 x 1 MiB, under the threshold: the heap, each followed by a small buffer kept in use
     small.append(np.ones((1 << 20) // 8))
@@ -92,16 +96,7 @@ def test_a_tensor_outside_the_heap_has_a_mapping_of_its_own_that_goes_with_it():
 
 # once pinned, a freed buffer at the heap's top stays for reuse (glibc's trim threshold would give back anything
 # over 128 KiB at once, and the next buffer would be page-faulted in again) until trim()
-TOP = """
-import numpy as np
-from qwenvl_dq import allocator
-
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) // 1024
-
-assert allocator.pin_mmap_threshold()
+TOP = PINNED + """
 a = np.ones((3 << 20) // 8)  # 3 MiB, under the threshold: the heap's top
 held = rss()
 del a
