@@ -64,9 +64,13 @@ def _libc():
 
 
 def _set_threshold(size: int) -> bool:
-    """The mmap threshold, and the trim threshold at twice it (glibc's own rule while the threshold is dynamic)."""
+    """The mmap threshold, and the trim threshold at twice it (glibc's own rule while the threshold is dynamic);
+    whether the mmap threshold took effect (what a caller restores)."""
     libc = _libc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, size) and libc.mallopt(M_TRIM_THRESHOLD, 2 * size))
+    if not (libc and libc.mallopt(M_MMAP_THRESHOLD, size)):
+        return False
+    libc.mallopt(M_TRIM_THRESHOLD, 2 * size)
+    return True
 
 
 def pin_mmap_threshold() -> bool:
