@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+from typing import NoReturn
 
 from .config import ACT_METHODS, ANTI_METHODS, DEFAULT_PROMPT, DEVICE_TYPES, LOG_LEVELS, OUTPUT_FORMATS, Config
 from .errors import RankLost, Stopped, UserError
@@ -338,3 +339,26 @@ def main(argv: list[str] | None = None) -> int:
 def seed_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     return run_quantize(seed_parser().parse_args(argv), [os.path.abspath(sys.argv[0])], argv)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code` once its output is flushed, without the interpreter's teardown: unloading
+    torch's and transformers' thousands of modules and objects takes about a second of every run and every rank
+    (measured: 1.0 s after importing torch and transformers' Qwen2-VL modules, 0.1 s with this). Only the
+    command-line entry points call it, after main returned: the run's files are closed and synced by then, and
+    an exception still unwinds and exits the usual way."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `qwenvl-dq` command and `python -m qwenvl_dq`."""
+    exit_process(main())
+
+
+def seed_entry() -> NoReturn:
+    """scripts/quant_qwen2vl.py, the reference's command line."""
+    exit_process(seed_main())

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from qwenvl_dq.cli import seed_main  # noqa: E402
+from qwenvl_dq.cli import seed_entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(seed_main())
+    seed_entry()

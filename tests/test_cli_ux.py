@@ -169,6 +169,12 @@ def test_inspect_finds_what_is_wrong(output, tmp_path, capsys):
     assert cli.main(["inspect", str(bad)]) == 1
     text = capsys.readouterr().out
     assert "NOT complete" in text and "--resume" in text
+    # the command's process ends without the interpreter's teardown (cli.exit_process): its code and its whole
+    # output, buffered in a pipe, still come out
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    r = subprocess.run([sys.executable, "-m", "qwenvl_dq", "inspect", str(bad)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 1 and r.stdout == text, (r.returncode, r.stdout, r.stderr)
 
     (bad / "INCOMPLETE").unlink()
     desc = json.loads((bad / "quant_model_description.json").read_text())

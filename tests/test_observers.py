@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qwenvl_dq import int8
-from qwenvl_dq.observers import ActObserver, histogram_range
+from qwenvl_dq import int8, observers
+from qwenvl_dq.observers import ActObserver, histogram, histogram_range
 
 
 def test_min_max_are_exact_over_samples_and_channels():
@@ -31,6 +31,26 @@ def test_an_observer_without_a_histogram_keeps_the_same_ranges_and_refuses_the_h
     assert all(torch.equal(a, b) for a, b in zip(ranges.qparams("minmax"), full.qparams("minmax")))
     with pytest.raises(ValueError, match="kept no histogram"):
         ranges.qparams("histogram")
+
+
+def test_histogram_counts_as_torch_histc_does(monkeypatch):
+    """Same bins as torch.histc's cpu kernel, also for values on the bin edges and at both ends, block by block."""
+    monkeypatch.setattr(observers, "HIST_BLOCK", 1000)  # several blocks
+    g = torch.Generator().manual_seed(3)
+    bins = 2048
+    for trial in range(12):
+        lo = float(torch.randn(1, generator=g) * 5)
+        hi = lo + float(torch.rand(1, generator=g) * 40 + 1e-3)
+        lo32, hi32 = torch.tensor(lo), torch.tensor(hi)
+        k = torch.randint(0, bins + 1, (20000,), generator=g)
+        edges = lo32 + (hi32 - lo32) * k.float() / bins  # on (or a rounding away from) the edges
+        x = torch.cat([edges, torch.rand(10000, generator=g) * (hi32 - lo32) + lo32, torch.stack([lo32, hi32])])
+        x = x[(x >= lo32) & (x <= hi32)].reshape(-1, 2) if trial % 2 else x[(x >= lo32) & (x <= hi32)]
+        got = histogram(x, bins, lo, hi)
+        assert got.dtype == torch.int64 and int(got.sum()) == x.numel()
+        assert torch.equal(got.float(), torch.histc(x, bins, lo, hi)), trial
+    assert torch.equal(histogram(torch.full((5,), 2.0), 8, 2.0, 2.0), torch.histc(torch.full((5,), 2.0), 8, 2.0, 2.0)
+                       .long())  # a range of zero width: histc's own rule
 
 
 def test_widening_keeps_every_count():
