@@ -16,10 +16,13 @@ prints (seconds and peak RSS per phase and rank, bytes read and written). The ru
    load_file), one float32 forward of every calibration sample through the whole model (transformers'
    Qwen2VLForConditionalGeneration loaded whole, the same inputs as ours; float32 is the fastest float on a CPU
    without bf16 units, and ours computes in it there too; the bf16 forward is timed beside it), one plain write +
-   fsync of as many bytes as our output holds; the floor is their sum;
+   fsync of as many bytes as our output holds; the floor is their sum. Its start-up (the interpreter, torch's and
+   transformers' imports, the processor and the images: what any process pays before that forward) is timed too,
+   for a second ratio that counts it on both sides, since ours' wall counts its own;
 3. ours, 1 rank with 2 threads (the whole machine): --anti_method none, m2, m4 on 8 layers, none and m2 on 32;
 4. --reference: msModelSlim 26.1.0 in its side venv (scripts/golden/refpython.sh sets it up when it is missing),
-   m2 and m4 on 8 layers through its example flow (scripts/golden/ref_quantize.py), the same images;
+   m2 and m4 on 8 layers through its example flow (scripts/golden/ref_quantize.py), the same images; with
+   --reference_large on 32 layers too (and ours m4 there), since its memory follows the model and ours one layer;
 5. 2 ranks x 1 thread against 1 rank x 1 thread (a rank stands for a card, one core each) and 1 rank x 2 threads,
    m2 and none on 8 layers; outputs compared byte for byte with the 1-rank one.
 
@@ -238,6 +241,9 @@ def floor_main(model: str, calib: str, out_bytes: int, scratch: str) -> None:
     import transformers
 
     samples = calib_data.load_samples(calib, model)
+    # what any process doing the floor's work pays before its forward: the interpreter, torch's and transformers'
+    # imports, the processor and the images (the time since the parent started this process, less the read)
+    startup_s = time.time() - float(os.environ["QWENVL_DQ_BENCH_LAUNCH"]) - read_s
     arch = qwen2vl.Arch.from_dict(qwen2vl.read_config(model))
     forward = {}
     # float32 is the floor (what ours computes in on cpu); the model's own dtype, as transformers loads it, is timed
@@ -270,14 +276,16 @@ def floor_main(model: str, calib: str, out_bytes: int, scratch: str) -> None:
     write_s = time.perf_counter() - t
     os.remove(path)
     print("FLOOR " + json.dumps({"read_s": read_s, "read_bytes": nbytes, "forward_s": forward_s,
-                                 "forward_bf16_s": forward["bfloat16"],
+                                 "forward_bf16_s": forward["bfloat16"], "startup_s": startup_s,
                                  "samples": len(samples), "tokens": tokens, "write_s": write_s,
                                  "write_bytes": out_bytes}), flush=True)
 
 
 def floor(a, model: str, calib: str, out_bytes: int, log: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--floor", model, calib, str(out_bytes), a.work]
-    r = measure(cmd, env_for(a.threads), ROOT, log, a.timeout)
+    env = env_for(a.threads)
+    env["QWENVL_DQ_BENCH_LAUNCH"] = repr(time.time())
+    r = measure(cmd, env, ROOT, log, a.timeout)
     f = json.loads(r["stdout"].split("FLOOR ", 1)[1].splitlines()[0])
     f["total_s"] = f["read_s"] + f["forward_s"] + f["write_s"]
     f["process_wall"] = r["wall"]
@@ -330,6 +338,8 @@ def main() -> int:
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", action="store_true", help="also run msModelSlim 26.1.0 (m2, m4) in its side venv")
+    p.add_argument("--reference_large", action="store_true",
+                   help="with --reference: msModelSlim on the large model too (m2 there takes about 15 minutes)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: hidden 512, 2 and 4 layers, 8 images, no 1 x 1 rows")
     p.add_argument("--layers", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
@@ -415,10 +425,11 @@ def main() -> int:
             run(name, ours, a, models[small], calib, out(name), method, 1, a.threads,
                 os.path.join(logs, name.replace(" ", "_") + ".txt"))
         if a.reference:
-            for method in ("m2", "m4"):
-                name = f"msModelSlim {method} {small}L"
-                run(name, reference, a, models[small], calib, out(name), method,
-                    os.path.join(logs, name.replace(" ", "_") + ".txt"))
+            for n in (small, large) if a.reference_large else (small,):
+                for method in ("m2", "m4"):
+                    name = f"msModelSlim {method} {n}L"
+                    run(name, reference, a, models[n], calib, out(name), method,
+                        os.path.join(logs, name.replace(" ", "_") + ".txt"))
         out_bytes = int(runs[f"ours none {small}L"]["written_mib"] * 2**20)
         if "floor" in before and "floor" not in a.rerun:
             fl = before["floor"]
@@ -428,27 +439,33 @@ def main() -> int:
             print("floor ...", flush=True)
             fl = floor(a, models[small], calib, out_bytes, os.path.join(logs, "floor.txt"))
         print(f"  floor: read {fl['read_s']:.2f} s + forward {fl['forward_s']:.2f} s ({fl['samples']} samples, "
-              f"{fl['tokens']} tokens) + write {fl['write_s']:.2f} s = {fl['total_s']:.2f} s", flush=True)
+              f"{fl['tokens']} tokens) + write {fl['write_s']:.2f} s = {fl['total_s']:.2f} s; its start-up "
+              f"{fl.get('startup_s', float('nan')):.2f} s", flush=True)
         for method in ("none", "m2"):
             for ranks, threads in ((1, 1), (2, 1)):
                 name = f"ours {method} {small}L {ranks}x{threads}"
                 run(name, ours, a, models[small], calib, out(name), method, ranks, threads,
                     os.path.join(logs, name.replace(" ", "_") + ".txt"))
-        for method in ("none", "m2"):
+        for method in ("none", "m2", "m4") if a.reference_large else ("none", "m2"):
             name = f"ours {method} {large}L"
             run(name, ours, a, models[large], calib, out(name), method, 1, a.threads,
                 os.path.join(logs, name.replace(" ", "_") + ".txt"))
 
         ratios = {}
-        for method in ("m2", "m4"):
-            ref = runs.get(f"msModelSlim {method} {small}L")
-            if ref:
-                ratios[f"{method} wall / msModelSlim {method}"] = runs[f"ours {method} {small}L"]["wall"] / ref["wall"]
-                ratios[f"{method} peak RSS / msModelSlim {method}"] = \
-                    runs[f"ours {method} {small}L"]["peak_rss"] / ref["peak_rss"]
+        for n in (small, large):
+            for method in ("m2", "m4"):
+                ref, mine = runs.get(f"msModelSlim {method} {n}L"), runs.get(f"ours {method} {n}L")
+                if ref and mine:
+                    at = "" if n == small else f" ({n}L)"
+                    ratios[f"{method} wall / msModelSlim {method}{at}"] = mine["wall"] / ref["wall"]
+                    ratios[f"{method} peak RSS / msModelSlim {method}{at}"] = mine["peak_rss"] / ref["peak_rss"]
         bf16_floor = fl["total_s"] - fl["forward_s"] + fl["forward_bf16_s"]
         for method in ("none", "m2", "m4"):
             ratios[f"{method} wall / floor"] = runs[f"ours {method} {small}L"]["wall"] / fl["total_s"]
+        if "startup_s" in fl:  # the floor as a whole process: its start-up counted, as ours' wall counts its own
+            for method in ("none", "m2"):
+                ratios[f"{method} wall / floor with its start-up"] = \
+                    runs[f"ours {method} {small}L"]["wall"] / (fl["total_s"] + fl["startup_s"])
         for method in ("none", "m2"):
             ratios[f"{method} wall / floor with a bf16 forward"] = \
                 runs[f"ours {method} {small}L"]["wall"] / bf16_floor
@@ -473,7 +490,8 @@ def main() -> int:
         print(f"floor ({small} layers): read {fl['read_s']:.2f} s ({mib(fl['read_bytes'])} MiB) + float forward "
               f"{fl['forward_s']:.2f} s ({fl['samples']} samples, {fl['tokens']} tokens) + write {fl['write_s']:.2f} s "
               f"({mib(fl['write_bytes'])} MiB) = {fl['total_s']:.2f} s (float32; the forward in bfloat16, the "
-              f"model's dtype: {fl['forward_bf16_s']:.2f} s)")
+              f"model's dtype: {fl['forward_bf16_s']:.2f} s); the floor process's start-up before its forward "
+              f"(interpreter, imports, processor, images): {fl.get('startup_s', float('nan')):.2f} s")
         print(f"outputs of 1 x 1, 2 x 1 and 1 x {a.threads} byte-identical: "
               + ", ".join(f"{m} {'yes' if v else 'NO'}" for m, v in identical.items()))
         print()
