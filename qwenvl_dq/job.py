@@ -271,7 +271,7 @@ def _run(cfg: Config, d: dist.Dist, t0: float, source: tuple, bars: progress.Pro
                             on_unit=on_unit, journal=jour, dtype=dtype, compute=compute,
                             free_pixels=True)  # nothing after calibration reads the samples' pixels
     if mine.resident:  # samples go through the whole slice one by one (layer-major: the solve bar is the progress)
-        bars.start("calibrate", stage.sweeps * n, "calibrate", unit="sample")
+        bars.start("calibrate", n, "calibrate", unit="sample")
     bars.start("solve", arch.vision_depth * d.is_main + len(range(*mine.layers)), "solve", unit="layer")
     with outdir.disk_errors(out, "saving solved layers to the journal"):
         results = calibrate.calibrate(stage, samples, n)
@@ -339,8 +339,7 @@ def _solved(d: dist.Dist, bars: progress.Progress):
 
 
 def _progress(bars: progress.Progress):
-    def on_sample(sweep: int, k: int, n: int) -> None:
-        bars.update("calibrate", postfix=f"sweep {sweep + 1}")
-        log.log(logging.DEBUG if bars.enabled else logging.INFO, "sweep %d: sample %d/%d through the pipeline",
-                sweep + 1, k + 1, n)
+    def on_sample(k: int, n: int) -> None:
+        bars.update("calibrate")
+        log.log(logging.DEBUG if bars.enabled else logging.INFO, "sample %d/%d through the pipeline", k + 1, n)
     return on_sample

@@ -5,18 +5,21 @@ printed for any config, weights or not, and every rank computes the same one. Ra
 patch embedding, merger) and reads the embedding rows it needs; the decoder layers are split into contiguous
 slices, one per rank, each rank at least one layer, so that the largest calibration work (rank 0's counting the
 vision tower) is as small as it can be. A rank's work is counted in floating-point operations (costs): every sample
-through each unit once per sweep (linears, and attention over the sample's tokens: the vision tower runs
+through each unit once (linears, and attention over the sample's tokens: the vision tower runs
 merge_size^2 patches per image token and attends over the whole image, Qwen2.5-VL's windowed blocks over a
 window), plus, when smoothing, the search: every candidate on a proxy of the group, the finalists on the whole
 reservoir (smooth.py). By bytes the 72B tower is 0.8 of a decoder layer, by work 4.1 (m2): balanced by bytes,
 rank 0 got 10 layers of 80 on 8 ranks and was the slowest stage by 28%; by work it gets 3, the others 11. Operations
 are not seconds: timed per unit on this project's medium model (1 CPU thread, 30 images of 188 tokens), the vision
 blocks' forward took 1.39x a decoder layer's against 1.64x counted, their search 0.71x a layer's against 0.66x,
-and a layer's search 0.56x its two forward sweeps against 1.34x counted (int8 matmuls run faster than float32).
+and a layer's search 0.56x two of its forward sweeps against 1.34x counted (int8 matmuls run faster than
+float32; counted when calibration ran two sweeps, before the smoothed groups' inputs were kept instead).
 
 A rank holds its whole slice (resident) when it fits its memory budget and there is another rank to overlap with:
-samples then stream through the ranks one at a time (pipeline). Otherwise it streams its layers one at a time
-(layer-major), which needs every sample's hidden states at one depth instead. Both give the same numbers.
+samples then stream through the ranks one at a time (pipeline), and with m2/m4 it keeps every token of its
+layers' smoothed groups' inputs until the sweep ends (calibrate.Store: rank 0's vision tower's too, 4 patches per
+image token). Otherwise it streams its layers one at a time (layer-major), which needs every sample's hidden states
+at one depth instead and keeps one layer's inputs. Both give the same numbers.
 """
 
 from __future__ import annotations
@@ -87,7 +90,6 @@ def costs(arch: qwen2vl.Arch, images: int, tokens: int = TOKENS,
           smoothing: bool = True) -> tuple[int, tuple[int, ...]]:
     """(vision tower, each decoder layer): operations of calibrating it on `images` images of `tokens` tokens."""
     shapes = qwen2vl.checkpoint_shapes(arch)
-    sweeps = 2 if smoothing else 1
     patches = tokens * arch.vision_merge_size ** 2
     window = (arch.vision_window_size // arch.vision_patch_size) ** 2 if arch.vision_window_size else patches
     vision = 2 * patches * sum(math.prod(s) for n, s in shapes.items() if n.startswith("visual.patch_embed."))
@@ -98,12 +100,12 @@ def costs(arch: qwen2vl.Arch, images: int, tokens: int = TOKENS,
         span = patches if b in arch.vision_fullatt_blocks or not arch.vision_window_size else min(window, patches)
         vision += 2 * patches * sum(o * i for o, i in lin) + 4 * patches * span * arch.vision_embed_dim
         search += _search(lin) if smoothing else 0
-    vision = sweeps * images * vision + search
+    vision = images * vision + search
     layers = []
     for i in range(arch.num_layers):
         lin = _linears(shapes, f"model.layers.{i}.")
         fwd = 2 * tokens * sum(o * x for o, x in lin) + 4 * tokens * tokens * arch.hidden_size
-        layers.append(sweeps * images * fwd + (_search(lin) if smoothing else 0))
+        layers.append(images * fwd + (_search(lin) if smoothing else 0))
     return vision, tuple(layers)
 
 
@@ -138,24 +140,41 @@ def partition(first: int, costs: tuple[int, ...], ranks: int) -> tuple[tuple[int
     return tuple((cuts[i], cuts[i + 1]) for i in range(ranks))
 
 
+def kept_widths(arch: qwen2vl.Arch, anti_method: str) -> tuple[int, int]:
+    """(decoder layer, vision block): the channels per token (per patch for the vision block) of the inputs a unit
+    keeps for its smoothed groups (calibrate.Store)."""
+    if anti_method == "none":
+        return 0, 0
+    widths = {"input_layernorm": arch.hidden_size, "post_attention_layernorm": arch.hidden_size,
+              "self_attn.v_proj": arch.num_heads * arch.head_dim}
+    decoder = sum(widths[g.source] for g in qwen2vl.smooth_groups("decoder", anti_method, arch))
+    return decoder, arch.vision_embed_dim * len(qwen2vl.smooth_groups("vision", anti_method, arch))
+
+
 def _peak(arch: qwen2vl.Arch, dtype: torch.dtype, weights: int, largest: int, n_layers: int, resident: bool,
-          images: int, smoothing: bool, main: bool, last: bool, src_el: int, tokens: int = TOKENS) -> int:
+          images: int, smoothing: bool, main: bool, last: bool, src_el: int, tokens: int = TOKENS,
+          kept: tuple[int, int] = (0, 0)) -> int:
     """dtype: what the live layers hold and compute in; weights and largest: their bytes in it; src_el: the
-    checkpoint dtype's width. A unit's weights are quantized and written as soon as it is solved, while the rank
-    still holds its layers (output.py), so that work adds to what is held; the token embeddings (rank 0) and the
-    head (the last rank) are written after calibration, from the checkpoint."""
+    checkpoint dtype's width; kept: kept_widths. A unit's weights are quantized and written as soon as it is
+    solved, while the rank still holds its layers (output.py), so that work adds to what is held; the token
+    embeddings (rank 0) and the head (the last rank) are written after calibration, from the checkpoint."""
     el = torch.empty(0, dtype=dtype).element_size()
+    # the smoothed groups' inputs, every token of every image, in the compute dtype: per decoder layer and per
+    # vision block (merge_size^2 patches per token)
+    layer_kept = images * tokens * kept[0] * el
+    block_kept = images * tokens * arch.vision_merge_size ** 2 * kept[1] * el
     work = tokens * (arch.intermediate_size * 3 + arch.hidden_size * 4) * 4  # one sample's float32 intermediates
     # quantizing the largest linear: its weight in the source dtype and the int8 result (int8.quantize_weight
     # works in blocks of rows, so no full float32 copy)
     quant = arch.intermediate_size * arch.hidden_size * (src_el + 1)
     # token reservoirs (float32) of the smoothed groups: q/k/v and gate/up read `hidden`, o_proj reads heads * dim
     reservoir = RESERVOIR_TOKENS * arch.hidden_size * 3 * 4 if smoothing else 0
-    chains = 2 if smoothing else 1
     if resident:
-        held = weights + reservoir * n_layers + 2 * tokens * arch.hidden_size * el * chains
+        held = weights + reservoir * n_layers + 2 * tokens * arch.hidden_size * el
+        held += layer_kept * n_layers + (block_kept * arch.vision_depth if main else 0)
     else:
-        held = largest + reservoir + images * tokens * arch.hidden_size * el * chains
+        held = largest + reservoir + images * tokens * arch.hidden_size * el
+        held += max(layer_kept, block_kept if main else 0)
     # (rank 0 writes every tensor from the checkpoint after calibration when save_directory is not shared)
     rest = max(arch.vocab_size * arch.hidden_size * src_el, quant) if main or last else 0
     return max(held + max(work, quant), rest + tokens * arch.hidden_size * 4)
@@ -179,7 +198,8 @@ def make_plan(arch: qwen2vl.Arch, dtype: torch.dtype, world_size: int, budget: i
         weights = sum(layers[a:b]) + (vision if r == 0 else 0)
         held = int(weights * widen)
         kw = dict(n_layers=b - a, images=images, smoothing=smoothing, main=r == 0, last=r == world_size - 1,
-                  src_el=torch.empty(0, dtype=dtype).element_size(), tokens=peak_tokens)
+                  src_el=torch.empty(0, dtype=dtype).element_size(), tokens=peak_tokens,
+                  kept=kept_widths(arch, anti_method))
         resident_peak = _peak(arch, compute, held, largest, resident=True, **kw)
         resident = world_size > 1 and (budget is None or resident_peak <= budget)
         peak = resident_peak if resident else _peak(arch, compute, held, largest, resident=False, **kw)

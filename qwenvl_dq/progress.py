@@ -1,4 +1,4 @@
-"""Progress bars on rank 0: calibration (samples through the pipeline, per sweep), solving (this rank's layers) and
+"""Progress bars on rank 0: calibration (samples through the pipeline), solving (this rank's layers) and
 writing (bytes). Shown only on a terminal and without --quiet; anywhere else (a log file, CI, a batch job) the log
 lines are the progress, and while bars are shown log lines are printed above them instead of through them."""
 

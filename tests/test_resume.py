@@ -82,7 +82,7 @@ def test_a_killed_run_on_two_ranks_resumes_on_two_or_one(setup, tmp_path):
     model, calib, clean = setup
     out = tmp_path / "o"
     procs = start_ranks(2, flags(model, calib, out))
-    # 2 ranks are pipelined: the m2 searches run after the first sweep, each rank on its own layers
+    # 2 ranks are pipelined: the m2 searches run after the sweep, each rank on its own layers
     saved, _ = stop_when(procs, out, "smooth", 3, signal.SIGKILL)
     assert_stopped(out, "smooth")
     copy = tmp_path / "copy"
