@@ -7,7 +7,9 @@ per-layer costs scripts/bench.py measured on the medium model.
 
 How:
 - per decoder layer of the medium model, from the 8- and 32-layer runs of bench.json: forward = the extra calibrate
-  seconds of 24 more layers with --anti_method none (one sweep), search = the same with m2 minus its two sweeps;
+  seconds of 24 more layers with --anti_method none (one sweep), search = the same with m2 minus its sweep (one
+  since 2026-12-08: the smoothed groups' kept inputs give their ranges; a bench.json from before, with two m2
+  sweeps, needs --sweeps 2);
 - the target's forward work scales with its layer's weights and its tokens (the plan's 1024 per image); the search
   works on a fixed token reservoir (observers.RESERVOIR_TOKENS, full in both), so it scales with the weights only;
   vision blocks likewise, per weight, with the full attention of each image;
@@ -101,6 +103,9 @@ def main() -> int:
                         "when the machine is busy)")
     p.add_argument("--quantize_mibs", type=float, default=None,
                    help="MiB/s of source weight quantized per rank on the host CPU (default: measured now)")
+    p.add_argument("--sweeps", type=int, default=1, choices=(1, 2),
+                   help="forward sweeps of an m2 run in bench.json: 1 (default), 2 for a bench.json of a version "
+                        "before 2026-12-08")
     a = p.parse_args()
 
     b = json.load(open(a.bench))
@@ -113,8 +118,8 @@ def main() -> int:
     write_med = layer_bytes_med[0] / q_rate  # s per layer of the medium model's calibrate phase spent writing it
     cal = {k: runs[f"ours {k}"]["seconds"]["calibrate"] for k in ("none 8L", "none 32L", "m2 8L", "m2 32L")}
     fwd_med = (cal["none 32L"] - cal["none 8L"]) / 24 - write_med  # s per layer, one sweep
-    search_med = (cal["m2 32L"] - cal["m2 8L"]) / 24 - 2 * fwd_med
-    vis_med = cal["m2 8L"] - 8 * (2 * fwd_med + search_med + write_med)  # vision tower + fixed costs of the m2 run
+    search_med = (cal["m2 32L"] - cal["m2 8L"]) / 24 - a.sweeps * fwd_med
+    vis_med = cal["m2 8L"] - 8 * (a.sweeps * fwd_med + search_med + write_med)  # vision tower + fixed costs of m2
     tokens_med = b["floor"]["tokens"]
     w_med = layer_weights(med, "model.layers.0.")
     w_big = layer_weights(big, "model.layers.0.")
@@ -126,9 +131,9 @@ def main() -> int:
 
     fwd_big = fwd_med * (w_big / w_med) * (tokens_big / tokens_med) * to_card
     search_big = search_med * (w_big / w_med) * to_card
-    layer_big = 2 * fwd_big + search_big
-    vis_flops = 2 * (2 * v_big * patches * a.images + 4 * patches**2 * big.vision_embed_dim * big.vision_depth
-                     * a.images)  # two sweeps: linears + attention
+    layer_big = fwd_big + search_big  # one sweep (the product now; --sweeps describes bench.json only)
+    vis_flops = 2 * v_big * patches * a.images + 4 * patches**2 * big.vision_embed_dim * big.vision_depth \
+        * a.images  # one sweep: linears + attention
     vis_big = vis_flops / (a.card_tflops * 1e12) + search_med * (v_big / w_med) * to_card
     layout = plan.make_plan(big, torch.bfloat16, a.ranks, int(a.card_gib * GIB), images=a.images, anti_method="m2")
     counts = [len(range(*r.layers)) for r in layout.ranks]
@@ -155,7 +160,7 @@ def main() -> int:
     print("per card: " + ", ".join(f"rank {r.rank} {counts[i]} layers peak {r.peak / GIB:.1f} GiB"
                                      for i, r in enumerate(layout.ranks[:2])) + ", ... (the --dry_run plan)")
     print(f"estimate: read slices {read_slices / 60:.1f} min + calibrate {compute / 60:.1f} min (per layer: forward "
-          f"{fwd_big:.1f} s x 2 sweeps + search {search_big:.1f} s; rank 0's vision tower {vis_big:.0f} s) + "
+          f"{fwd_big:.1f} s + search {search_big:.1f} s; rank 0's vision tower {vis_big:.0f} s) + "
           f"quantize and write the layers {write / 60:.1f} min (each rank its slice, at most "
           f"{slice_max / GIB:.0f} GiB; {out / GIB:.0f} GiB written in all) + embeddings and head "
           f"{rest / 60:.1f} min = {total / 60:.0f} min; I/O {100 * (read_slices + write + rest) / total:.0f}% of it")
