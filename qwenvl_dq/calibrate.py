@@ -7,13 +7,14 @@ slices). One sweep takes every sample through every unit once, through the float
 activations propagate unsmoothed, so every statistic is the same whatever the number of ranks.
 
 Without smoothing that sweep observes the activation ranges. With --anti_method m2/m4 it also records, for the
-smoothed groups, per-channel statistics and token reservoirs (what the search reads) and keeps every token of
-their inputs (Store); the other groups are observed as they are. Once every sample has passed a unit, its factors
-are solved (smooth.py) and the smoothed groups' ranges are observed on their kept inputs as the smoothed linears
-read them, (x - z) / s: the same values, to the rounding of the folded weights, that a second sweep through the
-smoothed model would show them, without that sweep. The factors are then folded into the live unit, which is
-quantized and written. Measured on the bench's medium model (8 layers, 30 images): m2 wall 36.3-37.4 -> 25.2-27.8 s,
-and the quality on held-out images no worse (logits cosine 0.8724 -> 0.8739, LLM SQNR 9.86 -> 9.92 dB).
+smoothed groups, per-channel statistics and keeps every token of their inputs (Store), from which the token
+reservoirs the search scores on are cut; the other groups are observed as they are. Once every sample has passed
+a unit, its factors are solved (smooth.py) and the smoothed groups' ranges are observed on their kept inputs as
+the smoothed linears read them, (x - z) / s: the same values, to the rounding of the folded weights, that a
+second sweep through the smoothed model would show them, without that sweep. The factors are then folded into the
+live unit, which is quantized and written. Measured on the bench's medium model (8 layers, 30 images): m2 wall
+36.3-37.4 -> 25.2-27.8 s, and the quality on held-out images no worse (logits cosine 0.8724 -> 0.8739, LLM SQNR
+9.86 -> 9.92 dB).
 
 A rank runs its stage in one of two orders with the same numbers: resident (its whole slice loaded, samples
 streamed through one at a time, so rank r works on sample k while rank r + 1 works on sample k - 1; the slice's
@@ -44,22 +45,20 @@ from .observers import ActObserver, Reservoir
 log = logging.getLogger(__name__)
 
 
-def observe(module: nn.Module, prefix: str, groups, state: dict, reservoirs: dict | None = None,
-            histogram: bool = True, stores: dict | None = None) -> tuple[dict[tuple[str, ...], ActObserver], list]:
+def observe(module: nn.Module, prefix: str, groups, state: dict, histogram: bool | None = True,
+            stores: dict | None = None) -> tuple[dict[tuple[str, ...], ActObserver], list]:
     """Attach one observer per group of linears (hooked on the group's first linear) and, for the groups in
-    `reservoirs` and `stores`, feed those too (state["k"] is the sample being run). histogram=False: the observers
-    keep per-channel ranges only; None: no observer, only the reservoirs and stores. Returns (observers, hooks)."""
+    `stores`, keep their input too (state["k"] is the sample being run). histogram=False: the observers keep
+    per-channel ranges only; None: no observer, only the stores. Returns (observers, hooks)."""
     observers, hooks = {}, []
     for group in groups:
         key = tuple(prefix + n for n in group)
         obs = None if histogram is None else ActObserver(histogram=histogram)
-        res, kept = (reservoirs or {}).get(key), (stores or {}).get(key)
+        kept = (stores or {}).get(key)
 
-        def hook(_m, args, o=obs, r=res, st=kept):
+        def hook(_m, args, o=obs, st=kept):
             if o is not None:
                 o.update(args[0])
-            if r is not None:
-                r.add(state["k"], args[0])
             if st is not None:
                 st.add(state["k"], args[0])
 
@@ -79,6 +78,13 @@ class Store:
     def add(self, k: int, x: torch.Tensor) -> None:
         x = x.detach()
         self.xs[k] = allocator.outside_heap(x.reshape(-1, x.shape[-1]), x.dtype)  # outlives the search
+
+    def reservoir(self) -> Reservoir:
+        """The token reservoir the search scores on: a window of every sample (observers.Reservoir)."""
+        r = Reservoir(len(self.xs))
+        for k, x in enumerate(self.xs):
+            r.add(k, x)
+        return r
 
     def observe(self, scale: torch.Tensor, shift: torch.Tensor | None, histogram: bool) -> ActObserver:
         obs = ActObserver(histogram=histogram)
@@ -195,7 +201,6 @@ class Layer:
     journal: Journal | None = None
     observers: dict = dataclasses.field(default_factory=dict)
     statistics: dict = dataclasses.field(default_factory=dict)  # smoothed groups: per-channel ranges for the search
-    reservoirs: dict | None = None
     stores: dict = dataclasses.field(default_factory=dict)  # smoothed groups: every token of their inputs
     hooks: list = dataclasses.field(default_factory=list)
     results: dict = dataclasses.field(default_factory=dict)
@@ -226,18 +231,17 @@ class Layer:
 
     def start(self, n_samples: int, state: dict) -> None:
         """Attach the sweep's observers: the smoothed groups keep every token of their input (Store) and, unless
-        the journal has their factors, per-channel ranges and token reservoirs (all the search reads); the other
-        groups get their final observers, with a histogram where the activation range comes from one."""
-        self.observers, self.statistics, self.reservoirs, self.stores, self.hooks = {}, {}, None, {}, []
+        the journal has their factors, per-channel ranges (with the reservoirs cut from the kept inputs, all the
+        search reads); the other groups get their final observers, with a histogram where the activation range
+        comes from one."""
+        self.observers, self.statistics, self.stores, self.hooks = {}, {}, {}, []
         if self.saved is not None:
             return  # what these observers would feed is in the journal
         smoothed = [g.linears for g in qwen2vl.smooth_groups(self.kind, self.anti_method, self.arch)] \
             if self.smoothing else []
         keys = [tuple(self.prefix + n for n in g) for g in smoothed]
         self.stores = {k: Store(n_samples) for k in keys}
-        if self.factors is None:
-            self.reservoirs = {k: Reservoir(n_samples) for k in keys}
-        self.statistics, self.hooks = observe(self.module, self.prefix, smoothed, state, self.reservoirs,
+        self.statistics, self.hooks = observe(self.module, self.prefix, smoothed, state,
                                               histogram=False if self.factors is None else None, stores=self.stores)
         rest = [g for g in self.groups if tuple(self.prefix + n for n in g) not in keys]
         self.observers, hooks = observe(self.module, self.prefix, rest, state,
@@ -262,12 +266,13 @@ class Layer:
             else:
                 with allocator.search_heap():
                     factors = solve_smoothing(self.kind, self.module, self.prefix, self.anti_method, self.arch,
-                                              self.statistics, self.reservoirs,
+                                              self.statistics,
+                                              {k: st.reservoir() for k, st in self.stores.items()},
                                               [qwen2vl.unit_call(c, self.prefix) for c in calls],
                                               self.act_symmetric)
                 if self.journal is not None:
                     self.journal.save(self.prefix, "smooth", factors)
-            self.statistics, self.reservoirs = {}, None
+            self.statistics = {}
             for key, store in self.stores.items():
                 self.observers[key] = store.observe(factors[f"{key[0]}.{smooth.IN_SCALE}"],
                                                     factors.get(f"{key[0]}.{smooth.IN_SHIFT}"),
