@@ -40,6 +40,10 @@ _TMP = ".qwenvl_dq_tmp"
 # and neither does the number of ranks
 FLAGS = ("w_bit", "a_bit", "anti_method", "act_method", "act_symmetric", "prompt", "min_pixels", "max_pixels",
          "device_type")
+# how calibration computes its results (calibrate.py): a journal of another scheme is not resumed; journals from
+# before this entry, which lack it, were made by two sweeps
+CALIBRATION = "one sweep"
+_UNRECORDED = {"calibration": "two sweeps"}
 
 
 def _sha(data: bytes) -> str:
@@ -72,7 +76,8 @@ def fingerprint(cfg, model_files: list[str], images: list[str]) -> dict:
         path = os.path.join(cfg.model_path, name)
         model[name] = {"bytes": os.path.getsize(path), "header": _header_sha(path)}
     return {
-        "versions": {"qwenvl_dq": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": {"qwenvl_dq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "calibration": CALIBRATION},
         "model": model,
         "images": [[os.path.basename(p), _file_sha(p)] for p in images],
         "flags": {f: getattr(cfg, f) for f in FLAGS},
@@ -91,7 +96,7 @@ def differences(old: dict, new: dict) -> list[str]:
         if a != b:
             out.append(f"--{k} was {a!r}, now {b!r}")
     for k in sorted(set(old.get("versions", {})) | set(new.get("versions", {}))):
-        a, b = old.get("versions", {}).get(k), new.get("versions", {}).get(k)
+        a, b = (fp.get("versions", {}).get(k, _UNRECORDED.get(k)) for fp in (old, new))
         if a != b:
             out.append(f"{k} was {a}, now {b}")
     om, nm = old.get("model", {}), new.get("model", {})

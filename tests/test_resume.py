@@ -10,6 +10,7 @@ import pytest
 
 import make_tiny_qwen2vl
 from conftest import dir_hashes, many_images, run_ranks, start_ranks
+from qwenvl_dq import journal
 
 LAYERS = 8
 
@@ -127,3 +128,12 @@ def test_a_stale_layer_file_is_not_used(setup, tmp_path):
     (rc, _, err), = run_ranks(1, flags(model, calib, out, "--resume"))
     assert rc == 0, err
     assert dir_hashes(out) == clean
+
+
+def test_a_journal_of_the_two_sweep_calibration_is_not_resumed():
+    """Journals written before calibration became one sweep lack the scheme; resuming one names the change."""
+    new = {"versions": {"qwenvl_dq": "0.1.0", "calibration": journal.CALIBRATION}, "flags": {}, "model": {},
+           "images": []}
+    old = {**new, "versions": {"qwenvl_dq": "0.1.0"}}
+    assert journal.differences(old, new) == ["calibration was two sweeps, now one sweep"]
+    assert journal.differences(new, new) == []
