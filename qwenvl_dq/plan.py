@@ -8,8 +8,8 @@ vision tower) is as small as it can be. A rank's work is counted in floating-poi
 through each unit once (linears, and attention over the sample's tokens: the vision tower runs
 merge_size^2 patches per image token and attends over the whole image, Qwen2.5-VL's windowed blocks over a
 window), plus, when smoothing, the search: every candidate on a proxy of the group, the finalists on the whole
-reservoir (smooth.py). By bytes the 72B tower is 0.8 of a decoder layer, by work 4.1 (m2): balanced by bytes,
-rank 0 got 10 layers of 80 on 8 ranks and was the slowest stage by 28%; by work it gets 3, the others 11. Operations
+reservoir (smooth.py). By bytes the 72B tower is 0.8 of a decoder layer, by work 3.8 (m2): balanced by bytes,
+rank 0 got 10 layers of 80 on 8 ranks and was the slowest stage by 25%; by work it gets 3, the others 11. Operations
 are not seconds: timed per unit on this project's medium model (1 CPU thread, 30 images of 188 tokens), the vision
 blocks' forward took 1.39x a decoder layer's against 1.64x counted, their search 0.71x a layer's against 0.66x,
 and a layer's search 0.56x two of its forward sweeps against 1.34x counted (int8 matmuls run faster than
