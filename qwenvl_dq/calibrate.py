@@ -455,16 +455,15 @@ def run_layer_major(stage: Stage, units: list[Layer], samples: list[Sample] | No
     results: dict[str, torch.Tensor] = {}
     if d.is_main:
         patch_embed = stage.live("visual.patch_embed.")
-        hv, vcalls = [], []
+        hiddens, vcalls = [], []
         for s in samples:
             h, call = stage.prefix(s)
-            hv.append(h)
+            hiddens.append(h)
             vcalls.append(call)
             if stage.free_pixels:  # read once in this order (the caller's samples lose them)
                 s.pixel_values = None
         stage.done("visual.patch_embed.", patch_embed, {})
         qwen2vl.release(patch_embed)
-        hiddens = hv
         for u in units:
             if u.kind == "vision":
                 results.update(_layer_major(stage, u, hiddens, vcalls))
